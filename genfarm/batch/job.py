@@ -1,0 +1,167 @@
+"""Running a batch job: check everything the user can get wrong, then stream read -> generate -> commit on Ray.
+
+The driver only plans (file list, schema, counts from footers) and draws progress; rows flow from read tasks to
+engine actors, which commit their own parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from genfarm import models
+from genfarm.batch.progress import JobProgress
+from genfarm.batch.source import PromptSource, count_rows, infer_schema, list_inputs
+from genfarm.batch.store import META, OutputStore
+from genfarm.engine import use_gpu, worker_resources
+from genfarm.errors import UserError
+from genfarm.spec import JobSpec
+from genfarm.tasks import make_task
+
+
+def fingerprint_parts(job: JobSpec, model: models.ResolvedModel) -> dict:
+    """Everything that changes what a row's output would be; a resumed job must match it."""
+    return {
+        "task": job.task.model_dump(mode="json"),
+        "model": {"name": model.name, "revision": model.revision},
+        "sampling": job.sampling.model_dump(mode="json"),
+        "engine": {"max_model_len": job.engine.max_model_len, "long_prompts": job.engine.long_prompts},
+        "input": {"id_column": job.input.id_column},
+    }
+
+
+def fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_resume(store: OutputStore, parts: dict, restart: bool) -> dict:
+    """Load or create the job manifest; refuse to mix outputs of different settings in one folder."""
+    manifest = store.read_json(f"{META}/job.json")
+    if manifest and restart:
+        kept = store.move_aside(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+        manifest = None
+        if kept:
+            logging.getLogger("genfarm").warning("earlier results kept in %s", kept)
+    if manifest and manifest["fingerprint"] != fingerprint(parts):
+        changed = [f"{k}.{sub}" for k in parts for sub in parts[k]
+                   if manifest["settings"].get(k, {}).get(sub) != parts[k][sub]]
+        raise UserError("output.path", f"{store.uri} holds a job run with other settings (changed: "
+                        f"{', '.join(changed)})", "re-run with --restart (earlier results are kept under "
+                        "_genfarm/previous-*) or choose a new output.path")
+    return manifest or {}
+
+
+def start_ray(job: JobSpec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return
+    # A local cluster needs a logical CPU for every engine actor plus one for reading, whatever the cores.
+    _, most = job.workers.bounds
+    cpus = max(os.cpu_count() or 1, int(most * job.engine.cpus_per_worker) + 1)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job_file: str = "") -> dict:
+    """Run (or resume) a job to the end and return its summary."""
+    task = make_task(job.task)  # compiles templates: syntax errors surface before anything starts
+    fs, files = list_inputs(job.input)
+    schema = infer_schema(fs, files[0])
+    for column in task.required_columns() + ([job.input.id_column] if job.input.id_column else []):
+        if column not in schema.names:
+            raise UserError(f"task.columns ({column})", f"the input has no column {column!r} (columns: "
+                            f"{', '.join(schema.names)})", "map it with task.columns: {field: column} or fix input")
+    model = models.resolve(job.model.name, job.model.revision)
+    store = OutputStore(job.output.path)
+    parts = fingerprint_parts(job, model)
+    manifest = check_resume(store, parts, restart)
+    job_id = manifest.get("job_id") or f"{job.name or 'job'}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    store.write_json(f"{META}/job.json", {
+        "job_id": job_id, "fingerprint": fingerprint(parts), "settings": parts, "job_file": job_file,
+        "spec": job.model_dump(mode="json"), "created_at": manifest.get("created_at") or _now(),
+    })
+    total = count_rows(fs, files, job.input.limit)
+    done_before = store.count().rows(job.sampling.n)
+
+    import ray
+
+    start_ray(job)
+    _quiet_ray_data()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpu = use_gpu(job.engine, gpus)
+    if gpu and gpus == 0:
+        raise UserError("engine.device", "gpu requested but the cluster has no GPUs", "set engine.device: cpu")
+    resources = worker_resources(job.engine, gpus)
+    least, most = job.workers.bounds
+
+    from genfarm.batch.worker import GenerateWorker
+
+    started = time.monotonic()
+    dataset = ray.data.read_datasource(PromptSource(fs, files, schema, job.input, job.output.path)).map_batches(
+        GenerateWorker,
+        fn_constructor_kwargs={"job": job, "model": model, "gpu": gpu, "input_schema": schema, "job_id": job_id},
+        batch_size=job.workers.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=least, max_size=most),
+        **resources,
+    )
+    with JobProgress(total, done_before, enabled=show_progress) as progress:
+        for stats in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            progress.update(sum(stats["rows"].to_pylist()), sum(stats["completion_tokens"].to_pylist()),
+                            sum(stats["errors"].to_pylist()))
+    summary = summarize(store, job, job_id, total, time.monotonic() - started, progress.tokens)
+    store.write_json("_summary.json", summary)
+    return summary
+
+
+def summarize(store: OutputStore, job: JobSpec, job_id: str, total: int, seconds: float, run_tokens: int) -> dict:
+    """Counts over every committed part (this run and earlier ones), timing of this run."""
+    counts = store.count()
+    error_types: dict[str, int] = {}
+    for part in store.parts(errors=True):
+        column = pq.read_table(part, columns=["error_type"], filesystem=store.fs).column("error_type")
+        for item in pc.value_counts(column).to_pylist():
+            error_types[item["values"]] = error_types.get(item["values"], 0) + item["counts"]
+    completed = counts.results // job.sampling.n
+    return {
+        "job_id": job_id,
+        "status": "complete" if completed + counts.errors >= total else "incomplete",
+        "input_rows": total,
+        "completed_rows": completed,
+        "error_rows": counts.errors,
+        "samples": counts.results,
+        "errors_by_type": error_types,
+        "prompt_tokens": store.column_sum("prompt_tokens") // job.sampling.n,  # each sample row repeats it
+        "completion_tokens": store.column_sum("completion_tokens"),
+        "run_seconds": round(seconds, 2),
+        "run_completion_tokens": run_tokens,
+        "run_tokens_per_second": round(run_tokens / seconds, 1) if seconds else 0.0,
+        "output": store.uri,
+        "finished_at": _now(),
+    }
+
+
+def _quiet_ray_data() -> None:
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+

@@ -1,0 +1,52 @@
+"""Live progress of a batch job: rows done/total, generated tokens/s and ETA, from the workers' stats rows."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+
+class TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        rate = task.fields.get("tokens", 0) / max(time.monotonic() - task.fields.get("t0", time.monotonic()), 1e-9)
+        return Text(f"{rate:,.0f} tok/s", style="cyan")
+
+
+class JobProgress:
+    """A rich progress bar when attached to a terminal, a plain line every few seconds otherwise."""
+
+    def __init__(self, total: int, already_done: int, enabled: bool = True):
+        self.total, self.done, self.tokens, self.errors = total, already_done, 0, 0
+        self.console = Console(stderr=True)
+        self.live = enabled and self.console.is_terminal
+        self.enabled = enabled
+        self.t0 = self.last_line = time.monotonic()
+        self.bar = Progress(
+            TextColumn("[bold]generating"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} rows"),
+            TokensPerSecond(), TextColumn("{task.fields[errors]} errors"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self.task_id = self.bar.add_task("job", total=total, completed=already_done, tokens=0, errors=0, t0=self.t0)
+
+    def __enter__(self) -> JobProgress:
+        if self.live:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.bar.stop()
+
+    def update(self, rows: int, tokens: int, errors: int) -> None:
+        self.done += rows
+        self.tokens += tokens
+        self.errors += errors
+        self.bar.update(self.task_id, completed=self.done, tokens=self.tokens, errors=self.errors)
+        if self.enabled and not self.live and time.monotonic() - self.last_line > 5:
+            self.last_line = time.monotonic()
+            elapsed = self.last_line - self.t0
+            self.console.print(f"{self.done:,}/{self.total:,} rows, {self.tokens / elapsed:,.0f} tok/s, "
+                               f"{self.errors} errors, {elapsed:,.0f}s elapsed", highlight=False)

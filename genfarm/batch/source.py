@@ -1,0 +1,236 @@
+"""Reading the input: a Ray Data datasource with one read task per file, streaming rows in small blocks.
+
+Each row gets a stable id (the id column, or FILE:ROW_NUMBER) and the read task drops rows that a committed part
+already holds, so resuming never loads the ledger into the driver. Rows that cannot even be parsed are passed on
+with `_gf_error` set, to be written as error rows by the worker instead of stopping the job.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from genfarm.batch.store import OutputStore, open_fs, source_key
+from genfarm.errors import UserError
+from genfarm.spec import InputSpec
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+           ".csv": "csv"}
+META_COLUMNS = ["_gf_id", "_gf_source", "_gf_row", "_gf_error", "_gf_raw"]
+META_SCHEMA = pa.schema([("_gf_id", pa.string()), ("_gf_source", pa.string()), ("_gf_row", pa.int64()),
+                         ("_gf_error", pa.string()), ("_gf_raw", pa.string())])
+SCHEMA_SAMPLE_ROWS = 1000
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # as the filesystem knows it
+    name: str  # relative to the input root: what ids and provenance show
+    size: int
+    format: str
+
+    @property
+    def key(self) -> str:
+        return source_key(self.name)
+
+
+def list_inputs(spec: InputSpec) -> tuple[pafs.FileSystem, list[InputFile]]:
+    """Expand input.path (file, folder, glob, or URI) into the files to read."""
+    fs, root = open_fs(spec.path)
+    if fs.type_name == "local" and any(ch in root for ch in "*?["):
+        paths, base = sorted(globlib.glob(root, recursive=True)), root.split("*")[0].rsplit("/", 1)[0]
+    else:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise UserError("input.path", f"{spec.path} does not exist", "check the path or pass --set input.path=...")
+        if info.type == pafs.FileType.Directory:
+            selector = pafs.FileSelector(root, recursive=True)
+            paths = sorted(i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File)
+            paths = [p for p in paths if not os.path.basename(p).startswith(("_", "."))]
+            base = root
+        else:
+            paths, base = [root], os.path.dirname(root)
+    files = []
+    for path in paths:
+        fmt = spec.format if spec.format != "auto" else FORMATS.get(os.path.splitext(path)[1].lower())
+        if fmt is None:
+            if len(paths) == 1:
+                raise UserError("input.format", f"cannot tell the format of {path}",
+                                "name it .parquet, .jsonl or .csv, or set input.format")
+            continue  # a folder may hold other files (READMEs, checksums): read only the data files
+        size = fs.get_file_info(path).size or 0
+        files.append(InputFile(path, os.path.relpath(path, base), size, fmt))
+    if not files:
+        raise UserError("input.path", f"no Parquet, JSONL or CSV files match {spec.path}",
+                        "check the path or glob, e.g. examples/topics.jsonl")
+    return fs, files
+
+
+def read_rows(fs: pafs.FileSystem, file: InputFile) -> Iterator[tuple[dict | None, str | None, str | None]]:
+    """(row, error, raw) for every row of a file, in order; a row that cannot be parsed comes as an error."""
+    if file.format == "parquet":
+        for batch in pq.ParquetFile(file.path, filesystem=fs).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield row, None, None
+    elif file.format == "csv":
+        yield from _read_csv(fs, file)
+    else:
+        with fs.open_input_stream(file.path) as stream:
+            for number, line in enumerate(_lines(stream), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield None, f"bad_json: line {number}: {err.msg}", line
+                    continue
+                if not isinstance(row, dict):
+                    yield None, f"bad_json: line {number}: expected a JSON object, got {type(row).__name__}", line
+                else:
+                    yield row, None, None
+
+
+def _lines(stream) -> Iterator[str]:
+    pending = b""
+    while chunk := stream.read(1 << 20):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", errors="replace")
+    if pending:
+        yield pending.decode("utf-8", errors="replace")
+
+
+def _read_csv(fs: pafs.FileSystem, file: InputFile):
+    bad: list[str] = []
+
+    def on_invalid(row) -> str:
+        bad.append(f"bad_row: line {row.number}: expected {row.expected_columns} fields, got {row.actual_columns}")
+        return "skip"
+
+    with fs.open_input_stream(file.path) as stream:
+        header = pacsv.open_csv(stream).schema.names  # CSV is text: read every column as a string
+    with fs.open_input_stream(file.path) as stream:
+        reader = pacsv.open_csv(
+            stream,
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header}),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True),
+        )
+        for batch in reader:
+            while bad:
+                yield None, bad.pop(0), None
+            for row in batch.to_pylist():
+                yield row, None, None
+    for message in bad:
+        yield None, message, None
+
+
+def infer_schema(fs: pafs.FileSystem, file: InputFile) -> pa.Schema:
+    """The data columns every block will carry, taken from the first file."""
+    if file.format == "parquet":
+        return pq.read_schema(file.path, filesystem=fs)
+    sample = []
+    for row, _, _ in read_rows(fs, file):
+        if row is not None:
+            sample.append(row)
+        if len(sample) >= SCHEMA_SAMPLE_ROWS:
+            break
+    if not sample:
+        raise UserError("input.path", f"{file.name} has no readable rows", "check that the file holds data")
+    schema = pa.Table.from_pylist(sample).schema
+    # A column that was null in every sampled row could hold anything later: carry it as text.
+    return pa.schema([pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema])
+
+
+def count_rows(fs: pafs.FileSystem, files: list[InputFile], limit: int | None) -> int:
+    """Total input rows, for progress: Parquet from footers, text formats by a streaming line count."""
+    total = 0
+    for file in files:
+        if file.format == "parquet":
+            n = pq.ParquetFile(file.path, filesystem=fs).metadata.num_rows
+        else:
+            n = sum(1 for line in _lines(fs.open_input_stream(file.path)) if line.strip())
+            n -= 1 if file.format == "csv" else 0  # the header
+        total += min(n, limit) if limit else n
+    return total
+
+
+class PromptSource(Datasource):
+    def __init__(self, fs, files: list[InputFile], schema: pa.Schema, spec: InputSpec, output: str,
+                 block_rows: int = 256):
+        super().__init__()
+        self.fs, self.files, self.schema, self.spec = fs, files, schema, spec
+        self.output, self.block_rows = output, block_rows
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        return [
+            ReadTask(
+                partial(read_blocks, self.fs, file, self.schema, self.spec, self.output, self.block_rows),
+                BlockMetadata(num_rows=None, size_bytes=file.size, input_files=[file.path], exec_stats=None),
+                schema=pa.unify_schemas([META_SCHEMA, self.schema]),
+            )
+            for file in self.files
+        ]
+
+
+def read_blocks(fs, file: InputFile, schema: pa.Schema, spec: InputSpec, output: str, block_rows: int):
+    done = OutputStore(output).done_ids(file.key)
+    seen: set[str] = set()
+    pending: list[dict] = []
+    for number, (row, error, raw) in enumerate(read_rows(fs, file)):
+        if spec.limit and number >= spec.limit:
+            break
+        row_id = f"{file.name}:{number}"
+        if row is not None and spec.id_column:
+            if row.get(spec.id_column) is None:
+                error, raw, row = f"missing_field: id column {spec.id_column!r} is missing or null", _dump(row), None
+            else:
+                row_id = str(row[spec.id_column])
+                if row_id in seen:
+                    error, raw, row = f"duplicate_id: id {row_id!r} appears twice in {file.name}", _dump(row), None
+                seen.add(row_id)
+        if row_id in done:
+            continue
+        meta = {"_gf_id": row_id, "_gf_source": file.name, "_gf_row": number, "_gf_error": error, "_gf_raw": raw}
+        pending.append({**(row or {}), **meta})
+        if len(pending) >= block_rows:
+            yield to_block(pending, schema)
+            pending = []
+    if pending:
+        yield to_block(pending, schema)
+
+
+def to_block(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows as one Arrow table of the job's schema; a row whose values do not fit becomes a bad_type error row."""
+    full = pa.unify_schemas([META_SCHEMA, schema])
+    try:
+        return pa.Table.from_pylist(rows, schema=full)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        fixed = []
+        for row in rows:
+            try:
+                pa.Table.from_pylist([row], schema=full)
+                fixed.append(row)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as err:
+                meta = {k: row[k] for k in META_COLUMNS}
+                data = {k: v for k, v in row.items() if k not in META_COLUMNS}
+                fixed.append({**meta, "_gf_error": f"bad_type: {err}", "_gf_raw": _dump(data)})
+        return pa.Table.from_pylist(fixed, schema=full)
+
+
+def _dump(row: dict) -> str:
+    return json.dumps(row, default=str, ensure_ascii=False)

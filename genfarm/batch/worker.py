@@ -1,0 +1,152 @@
+"""The engine actor of a batch job: render prompts, generate, commit parts, report a small stats row.
+
+Ray Data creates one of these per actor, so each holds one vLLM engine for its whole life. Output never passes
+through the driver: the actor commits its own parts and hands back only counts for the progress display.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from genfarm.batch.source import META_COLUMNS
+from genfarm.batch.store import OutputStore, part_name, source_key
+from genfarm.engine import Engine, PromptTooLong
+from genfarm.models import ResolvedModel
+from genfarm.spec import JobSpec
+from genfarm.tasks import make_task
+from genfarm.tasks.base import RowError
+
+ERROR_SCHEMA = pa.schema([
+    ("id", pa.string()), ("error_type", pa.string()), ("message", pa.string()), ("input", pa.string()),
+    ("source_file", pa.string()), ("source_row", pa.int64()), ("job_id", pa.string()),
+    ("worker_id", pa.string()), ("node_id", pa.string()), ("failed_at", pa.timestamp("ms", tz="UTC")),
+])
+STATS_SCHEMA = pa.schema([
+    ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
+    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+])
+SAMPLING_TYPE = pa.struct([("temperature", pa.float64()), ("top_p", pa.float64()), ("max_tokens", pa.int64()),
+                           ("n", pa.int64()), ("seed", pa.int64()), ("stop", pa.list_(pa.string()))])
+GENERATED_FIELDS = [
+    ("prompt", pa.string()), ("output_text", pa.string()), ("sample_index", pa.int32()),
+    ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+]
+PROVENANCE_FIELDS = [
+    ("model", pa.string()), ("model_revision", pa.string()), ("sampling", SAMPLING_TYPE), ("job_id", pa.string()),
+    ("worker_id", pa.string()), ("node_id", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()),
+    ("started_at", pa.timestamp("ms", tz="UTC")), ("finished_at", pa.timestamp("ms", tz="UTC")),
+]
+
+
+def output_schema(input_schema: pa.Schema, extra_columns: tuple[str, ...]) -> tuple[pa.Schema, dict[str, str]]:
+    """Result columns, and how input columns are renamed where they collide with genfarm's own."""
+    own = {"id", *extra_columns, *(n for n, _ in GENERATED_FIELDS), *(n for n, _ in PROVENANCE_FIELDS)}
+    rename = {f.name: (f"input_{f.name}" if f.name in own else f.name) for f in input_schema}
+    fields = [pa.field("id", pa.string())]
+    fields += [pa.field(rename[f.name], f.type) for f in input_schema]
+    fields += [pa.field(n, t) for n, t in GENERATED_FIELDS] + [pa.field(n, pa.string()) for n in extra_columns]
+    fields += [pa.field(n, t) for n, t in PROVENANCE_FIELDS]
+    return pa.schema(fields), rename
+
+
+def row_seed(base: int | None, row_id: str) -> int | None:
+    """Per-row seed: the same row gets the same sample wherever and in whatever batch it runs."""
+    if base is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"{base}:{row_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class GenerateWorker:
+    def __init__(self, job: JobSpec, model: ResolvedModel, gpu: bool, input_schema: pa.Schema, job_id: str):
+        import ray
+
+        self.job, self.model, self.job_id = job, model, job_id
+        self.task = make_task(job.task)
+        self.store = OutputStore(job.output.path)
+        self.schema, self.rename = output_schema(input_schema, self.task.extra_columns)
+        context = ray.get_runtime_context()
+        self.node_id, self.worker_id = context.get_node_id(), context.get_actor_id() or "driver"
+        self.engine = Engine(model, job.engine, gpu)
+        sampling = job.sampling
+        self.sampling_base = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                              "max_tokens": sampling.max_tokens, "n": sampling.n, "stop": list(sampling.stop)}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        started = now()
+        rows = batch.to_pylist()
+        errors: list[dict] = []
+        ready: list[tuple[dict, str, list[int]]] = []
+        for row in rows:
+            try:
+                if row["_gf_error"]:
+                    kind, _, message = row["_gf_error"].partition(": ")
+                    raise RowError(kind, message)
+                prompt = self.task.prompt(row)
+                text = self.engine.render(prompt.messages, prompt.text)
+                ready.append((row, text, self.engine.encode(text, self.job.sampling.max_tokens)))
+            except RowError as err:
+                errors.append(self._error(row, err.kind, err.message))
+            except PromptTooLong as err:
+                errors.append(self._error(row, "prompt_too_long", str(err)))
+        seeds = [row_seed(self.job.sampling.seed, row["_gf_id"]) for row, _, _ in ready]
+        generations = self.engine.generate([ids for _, _, ids in ready], [self.job.sampling] * len(ready), seeds)
+        finished = now()
+        results: list[dict] = []
+        for (row, text, _), seed, gen in zip(ready, seeds, generations):
+            if isinstance(gen, Exception):
+                errors.append(self._error(row, "engine_error", f"{type(gen).__name__}: {gen}"))
+                continue
+            for completion in gen.completions:
+                results.append(self._result(row, text, gen.prompt_tokens, completion, seed, started, finished))
+        self._commit(rows, results, errors)
+        return pa.Table.from_pylist([{
+            "rows": len(rows), "results": len(results), "errors": len(errors),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in results if r["sample_index"] == 0),
+            "completion_tokens": sum(r["completion_tokens"] for r in results),
+        }], schema=STATS_SCHEMA)
+
+    def _commit(self, rows: list[dict], results: list[dict], errors: list[dict]) -> None:
+        """One part per input file in this batch (part names carry the file's key), errors before results."""
+        by_source: dict[str, list[dict]] = {}
+        for row in rows:
+            by_source.setdefault(row["_gf_source"], []).append(row)
+        for source, source_rows in by_source.items():
+            name = part_name(source_key(source), min(r["_gf_row"] for r in source_rows), [r["_gf_id"] for r in source_rows])
+            source_errors = [e for e in errors if e["source_file"] == source]
+            source_results = [r for r in results if r["source_file"] == source]
+            if source_errors:
+                self.store.commit(pa.Table.from_pylist(source_errors, schema=ERROR_SCHEMA), name, errors=True)
+            if source_results:
+                self.store.commit(pa.Table.from_pylist(source_results, schema=self.schema), name)
+
+    def _result(self, row, prompt_text, prompt_tokens, completion, seed, started, finished) -> dict:
+        out = {"id": row["_gf_id"]}
+        out.update({self.rename[k]: v for k, v in row.items() if k not in META_COLUMNS})
+        out.update(self.task.columns(row, completion.text))
+        out.update({
+            "prompt": prompt_text, "output_text": completion.text, "sample_index": completion.index,
+            "finish_reason": completion.finish_reason, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion.completion_tokens, "model": self.model.name,
+            "model_revision": self.model.revision, "sampling": {**self.sampling_base, "seed": seed},
+            "job_id": self.job_id, "worker_id": self.worker_id, "node_id": self.node_id,
+            "source_file": row["_gf_source"], "source_row": row["_gf_row"],
+            "started_at": started, "finished_at": finished,
+        })
+        return out
+
+    def _error(self, row: dict, kind: str, message: str) -> dict:
+        data = {k: v for k, v in row.items() if k not in META_COLUMNS}
+        return {
+            "id": row["_gf_id"], "error_type": kind, "message": message,
+            "input": row["_gf_raw"] or json.dumps(data, default=str, ensure_ascii=False),
+            "source_file": row["_gf_source"], "source_row": row["_gf_row"], "job_id": self.job_id,
+            "worker_id": self.worker_id, "node_id": self.node_id, "failed_at": now(),
+        }

@@ -1,0 +1,177 @@
+"""genfarm's command line: parse, call, print. User mistakes end in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from genfarm.errors import UserError
+
+app = typer.Typer(
+    help="Generate content at scale with vLLM on Ray: batch jobs from job files, models, and results.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="List and prepare models (the default model is embedded; no model hub needed).",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+out = Console()
+
+SET_HELP = "Override a job-file field, e.g. --set sampling.max_tokens=256 --set output.path=out/x (repeatable)."
+
+
+@app.command()
+def run(
+    job_file: Path = typer.Argument(..., help="Job file (YAML), e.g. jobs/articles.yaml."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    restart: bool = typer.Option(False, "--restart", help="Start over; earlier results are moved to "
+                                 "OUTPUT/_genfarm/previous-* instead of deleted."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the live progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run a batch job to the end, or resume it: rows already committed in the output folder are skipped."""
+    from genfarm.batch.job import run_job
+    from genfarm.spec import load_job
+
+    job = load_job(job_file, set_)
+    try:
+        summary = run_job(job, restart=restart, show_progress=progress, job_file=str(job_file))
+    except KeyboardInterrupt:
+        out.print("[yellow]stopped[/]: every committed part is kept; run the same command again to finish.")
+        raise typer.Exit(130)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print_summary(summary)
+    if summary["status"] != "complete":
+        raise typer.Exit(1)
+
+
+def print_summary(summary: dict) -> None:
+    errors = ", ".join(f"{k}: {v}" for k, v in summary["errors_by_type"].items()) or "none"
+    out.print(
+        f"[bold]{summary['job_id']}[/] {summary['status']}: {summary['completed_rows']:,} of "
+        f"{summary['input_rows']:,} rows generated, {summary['error_rows']:,} errors ({errors})\n"
+        f"this run: {summary['run_completion_tokens']:,} tokens in {summary['run_seconds']:.1f}s = "
+        f"{summary['run_tokens_per_second']:,.0f} tok/s\n"
+        f"results: {summary['output']}/*.parquet  (pandas.read_parquet('{summary['output']}'))",
+        highlight=False,
+    )
+
+
+@app.command()
+def status(output: str = typer.Argument(..., help="A job's output folder.")) -> None:
+    """Show how far a job got: rows committed, errors, and whether it is complete."""
+    from genfarm.batch.store import META, OutputStore
+
+    store = OutputStore(output)
+    manifest = store.read_json(f"{META}/job.json")
+    if manifest is None:
+        raise UserError("OUTPUT", f"{output} holds no genfarm job", "give the output.path of a job you ran")
+    summary = store.read_json("_summary.json") or {}
+    counts = store.count()
+    n = manifest["spec"]["sampling"]["n"]
+    total = summary.get("input_rows")
+    out.print(f"[bold]{manifest['job_id']}[/] model {manifest['settings']['model']['name']}: "
+              f"{counts.results // n:,} rows generated, {counts.errors:,} errors"
+              + (f", {counts.rows(n):,}/{total:,} done" if total else ""), highlight=False)
+    if total is not None and counts.rows(n) >= total:
+        out.print("complete")
+    else:
+        out.print("incomplete: run the same `genfarm run` command again to finish")
+
+
+@app.command()
+def inspect(
+    output: str = typer.Argument(..., help="A job's output folder."),
+    rows: int = typer.Option(5, "--rows", "-n", min=1, help="How many rows to show."),
+    errors: bool = typer.Option(False, "--errors", help="Show error rows instead of results."),
+) -> None:
+    """Preview a job's results (or errors) as a table."""
+    import pyarrow.dataset as ds
+
+    from genfarm.batch.store import ERRORS, OutputStore
+
+    store = OutputStore(output)
+    parts = store.parts(errors=errors)
+    if not parts:
+        what = "error rows" if errors else "results"
+        raise UserError("OUTPUT", f"no {what} in {output}", "run a job first, or check the folder")
+    table = ds.dataset(parts, filesystem=store.fs, format="parquet").head(rows)
+    columns = (["id", "error_type", "message"] if errors else
+               [c for c in ("id", "title", "target_language", "output_text", "finish_reason", "completion_tokens")
+                if c in table.column_names])
+    view = Table(title=f"{output}{'/' + ERRORS if errors else ''}: first {table.num_rows} rows", show_lines=True)
+    for column in columns:
+        view.add_column(column, overflow="fold", max_width=80 if column in ("output_text", "message") else None)
+    for row in table.select(columns).to_pylist():
+        view.add_row(*(_short(row[c]) for c in columns))
+    out.print(view)
+
+
+def _short(value, limit: int = 400) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What to ask the model."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Model name, folder or hub id."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0 for greedy."),
+    seed: Optional[int] = typer.Option(0, "--seed", help="Seed for sampling."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message."),
+) -> None:
+    """Answer one prompt with the engine in this process (no Ray): a quick check of a model."""
+    from genfarm import models
+    from genfarm.engine import Engine
+    from genfarm.spec import EngineSpec, SamplingSpec
+
+    resolved = models.resolve(model)
+    engine = Engine(resolved, EngineSpec())
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    sampling = SamplingSpec(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    result = engine.generate([engine.encode(engine.render(messages, None), max_tokens)], [sampling], [seed])[0]
+    if isinstance(result, Exception):
+        raise UserError("PROMPT", str(result), "shorten the prompt or choose another model")
+    print(result.completions[0].text)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show embedded models and whether they are prepared; any local folder or hub id works too."""
+    from genfarm import models
+
+    view = Table("name", "status", "path", "description")
+    for row in models.listing():
+        view.add_row(row["name"], row["status"], row["path"], row["description"])
+    out.print(view)
+    out.print("Also usable as model.name: a local Hugging Face model folder, or a hub id (org/model) if you have a hub.")
+
+
+@models_app.command("prepare")
+def models_prepare(name: str = typer.Argument("smollm2-135m-instruct", help="Embedded model to prepare.")) -> None:
+    """Convert an embedded model into a vLLM-ready folder in the cache (once; GENFARM_CACHE moves the cache)."""
+    from genfarm import models
+
+    out.print(f"{name} ready at {models.prepare(name)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        Console(stderr=True).print(f"[red]error[/]: {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""What every task shares: the prompt it builds, the typed error a bad row raises, and column lookup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ERROR_TYPES = (
+    "bad_json",  # a JSONL line that is not a JSON object
+    "bad_row",  # a CSV line with the wrong number of fields
+    "missing_field",  # a column the task needs is absent or null
+    "bad_type",  # a value of the wrong type (a number where text is needed)
+    "duplicate_id",  # the id column repeats a value within a file
+    "empty_prompt",  # the text the task needs is empty
+    "invalid_template",  # the user's template failed on this row
+    "prompt_too_long",  # longer than the engine's context allows
+    "engine_error",  # vLLM refused or failed this prompt
+    "timeout",  # generation took longer than the per-request limit
+)
+
+
+class RowError(Exception):
+    """A row that cannot be generated; it becomes an error record and the job goes on."""
+
+    def __init__(self, kind: str, message: str):
+        assert kind in ERROR_TYPES, kind
+        self.kind, self.message = kind, message
+        super().__init__(f"{kind}: {message}")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Chat messages (sent through the model's chat template) or a raw text prompt."""
+
+    messages: list[dict] | None = None
+    text: str | None = None
+
+
+def text_field(row: dict[str, Any], name: str, columns: dict[str, str], default: str | None = None) -> str:
+    """A non-empty text value for task field `name`, read from its mapped column, else the job-wide default."""
+    column = columns.get(name, name)
+    value = row.get(column)
+    if value is None:
+        if default is not None:
+            return default
+        raise RowError("missing_field", f"column {column!r} is missing or null")
+    if not isinstance(value, str):
+        raise RowError("bad_type", f"column {column!r} should be text, got {type(value).__name__} {value!r}")
+    if not value.strip():
+        raise RowError("empty_prompt", f"column {column!r} is empty")
+    return value
+
+
+def chat(system: str | None, user: str) -> Prompt:
+    messages = [{"role": "system", "content": system}] if system else []
+    return Prompt(messages=messages + [{"role": "user", "content": user}])
