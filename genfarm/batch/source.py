@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -119,13 +120,15 @@ def _read_csv(fs: pafs.FileSystem, file: InputFile):
         bad.append(f"bad_row: line {row.number}: expected {row.expected_columns} fields, got {row.actual_columns}")
         return "skip"
 
+    parse = pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True)
     with fs.open_input_stream(file.path) as stream:
-        header = pacsv.open_csv(stream).schema.names  # CSV is text: read every column as a string
+        header = pacsv.open_csv(stream, parse_options=parse).schema.names  # CSV is text: every column a string
+    bad.clear()
     with fs.open_input_stream(file.path) as stream:
         reader = pacsv.open_csv(
             stream,
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header}),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True),
+            parse_options=parse,
         )
         for batch in reader:
             while bad:
@@ -148,9 +151,20 @@ def infer_schema(fs: pafs.FileSystem, file: InputFile) -> pa.Schema:
             break
     if not sample:
         raise UserError("input.path", f"{file.name} has no readable rows", "check that the file holds data")
-    schema = pa.Table.from_pylist(sample).schema
-    # A column that was null in every sampled row could hold anything later: carry it as text.
-    return pa.schema([pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema])
+    names = list(dict.fromkeys(key for row in sample for key in row))
+    return pa.schema([pa.field(name, column_type([row.get(name) for row in sample])) for name in names])
+
+
+def column_type(values: list) -> pa.DataType:
+    """Arrow type of a sampled column: mixed values take the most common kind (the rest become bad_type rows);
+    a column null in every sampled row could hold anything later, so it is carried as text."""
+    try:
+        kind = pa.array(values).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        present = [v for v in values if v is not None]
+        common = Counter(type(v) for v in present).most_common(1)[0][0]
+        kind = pa.array([next(v for v in present if type(v) is common)]).type
+    return pa.string() if pa.types.is_null(kind) else kind
 
 
 def count_rows(fs: pafs.FileSystem, files: list[InputFile], limit: int | None) -> int:

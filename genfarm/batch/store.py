@@ -130,7 +130,7 @@ class OutputStore:
         for part in existing:
             rel = os.path.relpath(part, self.root)
             self.fs.move(part, f"{target}/{rel}")
-        for name in ("_summary.json", f"{META}/job.json"):
+        for name, kept_as in (("_summary.json", "_summary.json"), (f"{META}/job.json", "_job.json")):
             if self.fs.get_file_info(self.path(name)).type == pafs.FileType.File:
-                self.fs.move(self.path(name), f"{target}/{os.path.basename(name)}")
+                self.fs.move(self.path(name), f"{target}/{kept_as}")  # '_' keeps readers of the folder to parquet
         return target
