@@ -22,7 +22,7 @@ app = typer.Typer(
 models_app = typer.Typer(help="List and prepare models (the default model is embedded; no model hub needed).",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
-out = Console()
+out = Console(soft_wrap=True)  # long paths stay on one line for grep and copy-paste
 
 SET_HELP = "Override a job-file field, e.g. --set sampling.max_tokens=256 --set output.path=out/x (repeatable)."
 

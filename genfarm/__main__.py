@@ -1,0 +1,3 @@
+from genfarm.cli import main
+
+main()
