@@ -23,6 +23,7 @@ models_app = typer.Typer(help="List and prepare models (the default model is emb
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
 out = Console(soft_wrap=True)  # long paths stay on one line for grep and copy-paste
+err = Console(stderr=True, soft_wrap=True)
 
 SET_HELP = "Override a job-file field, e.g. --set sampling.max_tokens=256 --set output.path=out/x (repeatable)."
 
@@ -44,7 +45,7 @@ def run(
     try:
         summary = run_job(job, restart=restart, show_progress=progress, job_file=str(job_file))
     except KeyboardInterrupt:
-        out.print("[yellow]stopped[/]: every committed part is kept; run the same command again to finish.")
+        err.print("[yellow]stopped[/]: every committed part is kept; run the same command again to finish.")
         raise typer.Exit(130)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -168,8 +169,8 @@ def models_prepare(name: str = typer.Argument("smollm2-135m-instruct", help="Emb
 def main() -> None:
     try:
         app()
-    except UserError as err:
-        Console(stderr=True).print(f"[red]error[/]: {err}", highlight=False, soft_wrap=True)
+    except UserError as error:
+        err.print(f"[red]error[/]: {error}", highlight=False)
         sys.exit(2)
 
 

@@ -6,7 +6,9 @@ that name the same model and engine settings get the same engine.
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +97,7 @@ class Engine:
         self.model, self.spec = model, spec
         self.llm = LLM(**engine_args(model, spec, gpu))
         self.tokenizer = self.llm.get_tokenizer()
+        self._request_ids = itertools.count()
 
     def render(self, messages: list[dict] | None, text: str | None) -> str:
         """The exact prompt text: chat messages through the model's chat template, or a raw prompt as is."""
@@ -116,25 +119,42 @@ class Engine:
         return ids
 
     def generate(self, prompts: list[list[int]], sampling: list[SamplingSpec], seeds: list[int | None]) -> list:
-        """One Generation per prompt, or the exception that prompt alone raised; one bad prompt never sinks the rest."""
+        """One Generation per prompt, or the exception that prompt alone raised (a rejected prompt, a timeout).
+
+        Drives vLLM's step loop itself rather than LLM.generate, so one bad prompt never fails the others and a
+        request running past engine.request_timeout_s is aborted and reported instead of stalling the batch.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        params = [to_sampling_params(SamplingParams, s, seed) for s, seed in zip(sampling, seeds)]
-        inputs = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
-        try:
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        except Exception:  # noqa: BLE001 - isolate the culprit: retry one by one
-            if len(inputs) == 1:
-                raise
-            return [self._generate_one(i, p) for i, p in zip(inputs, params)]
-        return [to_generation(out) for out in outputs]
-
-    def _generate_one(self, prompt, params):
-        try:
-            return to_generation(self.llm.generate([prompt], [params], use_tqdm=False)[0])
-        except Exception as err:  # noqa: BLE001 - reported as this row's error
-            return err
+        engine = self.llm.llm_engine
+        results: list = [None] * len(prompts)
+        pending: dict[str, tuple[int, float]] = {}
+        for index, (ids, spec, seed) in enumerate(zip(prompts, sampling, seeds)):
+            params = to_sampling_params(SamplingParams, spec, seed)
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            request_id = f"gf-{next(self._request_ids)}"
+            try:
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
+            except Exception as err:  # noqa: BLE001 - vLLM refused this prompt alone
+                results[index] = err
+                continue
+            pending[request_id] = (index, time.monotonic())
+        timeout = self.spec.request_timeout_s
+        while pending:
+            for output in engine.step():
+                if output.finished and output.request_id in pending:
+                    results[pending.pop(output.request_id)[0]] = to_generation(output)
+            if timeout is not None:
+                now = time.monotonic()
+                expired = [rid for rid, (_, start) in pending.items() if now - start > timeout]
+                if expired:
+                    engine.abort_request(expired)
+                    for rid in expired:
+                        results[pending.pop(rid)[0]] = TimeoutError(f"no answer within {timeout:g}s "
+                                                                    "(engine.request_timeout_s)")
+        return results
 
 
 def to_sampling_params(cls, spec: SamplingSpec, seed: int | None):

@@ -84,6 +84,9 @@ class EngineSpec(Spec):
     gpus_per_worker: float | None = Field(None, ge=0, description="Default: tensor_parallel_size on GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0)
     enforce_eager: bool = True
+    request_timeout_s: float | None = Field(
+        600, gt=0, description="A request still generating after this many seconds becomes a timeout error row."
+    )
     long_prompts: Literal["error", "truncate"] = Field(
         "error", description="A prompt too long for max_model_len becomes an error row, or is cut from the left."
     )
@@ -103,6 +106,7 @@ class WorkersSpec(Spec):
     min: int | None = Field(None, ge=1, description="With max: an autoscaling range of engine actors.")
     max: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1, description="Rows handed to an engine at once.")
+    max_retries: int = Field(2, ge=0, description="Tries again for a batch whose engine actor died.")
 
     @model_validator(mode="after")
     def _count_or_range(self) -> WorkersSpec:

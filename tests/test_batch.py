@@ -154,3 +154,24 @@ def test_template_over_parquet_folder_with_derived_ids(tmp_path, tiny):
     df = results(tmp_path / "out").set_index("id").sort_index()
     assert list(df.index) == ["a.parquet:0", "a.parquet:1", "b.parquet:0"]
     assert df.loc["b.parquet:0", "prompt"] == "Say hello to grace in GERMAN:"
+
+
+def test_generation_past_the_request_timeout_is_a_timeout_row(tmp_path, tiny):
+    data = write_jsonl(tmp_path / "topics.jsonl", topics(6))
+    job = make_job(data, tmp_path / "out", tiny, engine={"request_timeout_s": 0.05, "max_model_len": 4096},
+                   sampling={"max_tokens": 3000, "temperature": 0})
+    summary = run_job(job, show_progress=False)
+    assert summary["status"] == "complete"
+    assert summary["completed_rows"] + summary["error_rows"] == 6
+    assert summary["errors_by_type"].get("timeout", 0) >= 1
+    timeouts = errors(tmp_path / "out").query("error_type == 'timeout'")
+    assert timeouts["message"].str.contains("engine.request_timeout_s").all()
+
+
+def test_template_that_fails_on_a_row_is_an_invalid_template_row(tmp_path, tiny):
+    data = write_jsonl(tmp_path / "n.jsonl", [{"id": "ok", "x": 2}, {"id": "zero", "x": 0}])
+    job = make_job(data, tmp_path / "out", tiny,
+                   task={"type": "template", "messages": [{"role": "user", "content": "{{ 10 // x }} apples"}]})
+    summary = run_job(job, show_progress=False)
+    assert summary["completed_rows"] == 1 and summary["errors_by_type"] == {"invalid_template": 1}
+    assert "ZeroDivisionError" in errors(tmp_path / "out")["message"].iloc[0]

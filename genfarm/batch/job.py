@@ -11,6 +11,9 @@ import json
 import logging
 import os
 import time
+import uuid
+import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow.compute as pc
@@ -19,7 +22,7 @@ import pyarrow.parquet as pq
 from genfarm import models
 from genfarm.batch.progress import JobProgress
 from genfarm.batch.source import PromptSource, count_rows, infer_schema, list_inputs
-from genfarm.batch.store import META, OutputStore
+from genfarm.batch.store import META, RUN_FILE, OutputStore
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
 from genfarm.spec import JobSpec
@@ -74,8 +77,23 @@ def start_ray(job: JobSpec) -> None:
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 
 
-def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job_file: str = "") -> dict:
-    """Run (or resume) a job to the end and return its summary."""
+@dataclass
+class Plan:
+    """What the driver works out before any row moves: small, whatever the dataset's size."""
+
+    job: JobSpec
+    fs: object
+    files: list
+    schema: object
+    model: models.ResolvedModel
+    store: OutputStore
+    job_id: str
+    run_id: str
+    total: int
+
+
+def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
+    """Every check a user can fail, before Ray starts: task, input, columns, model, output folder."""
     task = make_task(job.task)  # compiles templates: syntax errors surface before anything starts
     fs, files = list_inputs(job.input)
     schema = infer_schema(fs, files[0])
@@ -92,38 +110,86 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
         "job_id": job_id, "fingerprint": fingerprint(parts), "settings": parts, "job_file": job_file,
         "spec": job.model_dump(mode="json"), "created_at": manifest.get("created_at") or _now(),
     })
-    total = count_rows(fs, files, job.input.limit)
-    done_before = store.count().rows(job.sampling.n)
+    run_id = uuid.uuid4().hex
+    # Workers of an earlier run that outlived their driver see a new run id and stop before committing.
+    store.write_json(RUN_FILE, {"run_id": run_id, "started_at": _now()})
+    return Plan(job, fs, files, schema, model, store, job_id, run_id, count_rows(fs, files, job.input.limit))
 
-    import ray
 
+def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job_file: str = "") -> dict:
+    """Run (or resume) a job to the end and return its summary."""
+    plan = plan_job(job, restart, job_file)
     start_ray(job)
     _quiet_ray_data()
+    started = time.monotonic()
+    with JobProgress(plan.total, plan.store.count().rows(job.sampling.n), enabled=show_progress) as progress:
+        generate_pass(plan, progress, job.workers.batch_size, job.workers.max_retries)
+        if missing(plan):
+            # Some batches failed even after retries (an engine that keeps dying): retry their rows one by one,
+            # so only the rows that really kill the engine end up as errors.
+            generate_pass(plan, progress, batch_size=1, retries=0)
+        if missing(plan):
+            record_pass(plan, progress)
+    summary = summarize(plan.store, job, plan.job_id, plan.total, time.monotonic() - started, progress.tokens)
+    plan.store.write_json("_summary.json", summary)
+    return summary
+
+
+def missing(plan: Plan) -> bool:
+    return plan.store.count().rows(plan.job.sampling.n) < plan.total
+
+
+def source(plan: Plan):
+    import ray
+
+    return ray.data.read_datasource(PromptSource(plan.fs, plan.files, plan.schema, plan.job.input,
+                                                 plan.job.output.path))
+
+
+def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: int) -> None:
+    """Stream every row not yet committed through the engine actors; a batch whose actor dies is retried on a
+    restarted actor at most `retries` times, then left for the next pass instead of failing the job."""
+    import ray
+
+    from genfarm.batch.worker import GenerateWorker
+
+    job = plan.job
     gpus = ray.cluster_resources().get("GPU", 0)
     gpu = use_gpu(job.engine, gpus)
     if gpu and gpus == 0:
         raise UserError("engine.device", "gpu requested but the cluster has no GPUs", "set engine.device: cpu")
-    resources = worker_resources(job.engine, gpus)
     least, most = job.workers.bounds
+    with warnings.catch_warnings():
+        # Ray deprecates passing max_restarts/max_task_retries here but offers no other way to bound retries yet.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        dataset = source(plan).map_batches(
+            GenerateWorker,
+            fn_constructor_kwargs={"job": job, "model": plan.model, "gpu": gpu, "input_schema": plan.schema,
+                                   "job_id": plan.job_id, "run_id": plan.run_id},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=least, max_size=most),
+            max_restarts=-1,
+            max_task_retries=retries,
+            **worker_resources(job.engine, gpus),
+        )
+    consume(dataset, progress)
 
-    from genfarm.batch.worker import GenerateWorker
 
-    started = time.monotonic()
-    dataset = ray.data.read_datasource(PromptSource(fs, files, schema, job.input, job.output.path)).map_batches(
-        GenerateWorker,
-        fn_constructor_kwargs={"job": job, "model": model, "gpu": gpu, "input_schema": schema, "job_id": job_id},
-        batch_size=job.workers.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=least, max_size=most),
-        **resources,
-    )
-    with JobProgress(total, done_before, enabled=show_progress) as progress:
-        for stats in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            progress.update(sum(stats["rows"].to_pylist()), sum(stats["completion_tokens"].to_pylist()),
-                            sum(stats["errors"].to_pylist()))
-    summary = summarize(store, job, job_id, total, time.monotonic() - started, progress.tokens)
-    store.write_json("_summary.json", summary)
-    return summary
+def record_pass(plan: Plan, progress: JobProgress) -> None:
+    """Rows that failed every try become engine_error rows, so the job ends with every row accounted for."""
+    from genfarm.batch.worker import record_failures
+
+    dataset = source(plan).map_batches(record_failures, fn_kwargs={"output": plan.job.output.path,
+                                                                   "job_id": plan.job_id},
+                                       batch_format="pyarrow", batch_size=256)
+    consume(dataset, progress)
+
+
+def consume(dataset, progress: JobProgress) -> None:
+    for stats in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        progress.update(sum(stats["rows"].to_pylist()), sum(stats["completion_tokens"].to_pylist()),
+                        sum(stats["errors"].to_pylist()))
 
 
 def summarize(store: OutputStore, job: JobSpec, job_id: str, total: int, seconds: float, run_tokens: int) -> dict:
@@ -159,6 +225,7 @@ def _quiet_ray_data() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    context.max_errored_blocks = -1  # a batch that failed every retry is retried row by row, not fatal
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 

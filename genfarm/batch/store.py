@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 ERRORS, META = "_errors", "_genfarm"
+RUN_FILE = f"{META}/run.json"
 
 
 def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:

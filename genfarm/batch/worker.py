@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from genfarm.batch.source import META_COLUMNS
-from genfarm.batch.store import OutputStore, part_name, source_key
+from genfarm.batch.store import RUN_FILE, OutputStore, part_name, source_key
 from genfarm.engine import Engine, PromptTooLong
 from genfarm.models import ResolvedModel
 from genfarm.spec import JobSpec
@@ -65,10 +65,11 @@ def now() -> datetime:
 
 
 class GenerateWorker:
-    def __init__(self, job: JobSpec, model: ResolvedModel, gpu: bool, input_schema: pa.Schema, job_id: str):
+    def __init__(self, job: JobSpec, model: ResolvedModel, gpu: bool, input_schema: pa.Schema, job_id: str,
+                 run_id: str):
         import ray
 
-        self.job, self.model, self.job_id = job, model, job_id
+        self.job, self.model, self.job_id, self.run_id = job, model, job_id, run_id
         self.task = make_task(job.task)
         self.store = OutputStore(job.output.path)
         self.schema, self.rename = output_schema(input_schema, self.task.extra_columns)
@@ -101,31 +102,23 @@ class GenerateWorker:
         finished = now()
         results: list[dict] = []
         for (row, text, _), seed, gen in zip(ready, seeds, generations):
+            if isinstance(gen, TimeoutError):
+                errors.append(self._error(row, "timeout", str(gen)))
+                continue
             if isinstance(gen, Exception):
                 errors.append(self._error(row, "engine_error", f"{type(gen).__name__}: {gen}"))
                 continue
             for completion in gen.completions:
                 results.append(self._result(row, text, gen.prompt_tokens, completion, seed, started, finished))
-        self._commit(rows, results, errors)
-        return pa.Table.from_pylist([{
-            "rows": len(rows), "results": len(results), "errors": len(errors),
-            "prompt_tokens": sum(r["prompt_tokens"] for r in results if r["sample_index"] == 0),
-            "completion_tokens": sum(r["completion_tokens"] for r in results),
-        }], schema=STATS_SCHEMA)
+        self._check_run()
+        commit(self.store, rows, results, errors, self.schema)
+        return stats_row(len(rows), results, errors)
 
-    def _commit(self, rows: list[dict], results: list[dict], errors: list[dict]) -> None:
-        """One part per input file in this batch (part names carry the file's key), errors before results."""
-        by_source: dict[str, list[dict]] = {}
-        for row in rows:
-            by_source.setdefault(row["_gf_source"], []).append(row)
-        for source, source_rows in by_source.items():
-            name = part_name(source_key(source), min(r["_gf_row"] for r in source_rows), [r["_gf_id"] for r in source_rows])
-            source_errors = [e for e in errors if e["source_file"] == source]
-            source_results = [r for r in results if r["source_file"] == source]
-            if source_errors:
-                self.store.commit(pa.Table.from_pylist(source_errors, schema=ERROR_SCHEMA), name, errors=True)
-            if source_results:
-                self.store.commit(pa.Table.from_pylist(source_results, schema=self.schema), name)
+    def _check_run(self) -> None:
+        """A worker that outlived its driver must not commit beside the rows of a newer run: it stops here."""
+        current = (self.store.read_json(RUN_FILE) or {}).get("run_id")
+        if current != self.run_id:
+            raise RuntimeError(f"a newer run ({current}) of this job owns {self.store.uri}; this worker stops")
 
     def _result(self, row, prompt_text, prompt_tokens, completion, seed, started, finished) -> dict:
         out = {"id": row["_gf_id"]}
@@ -143,10 +136,50 @@ class GenerateWorker:
         return out
 
     def _error(self, row: dict, kind: str, message: str) -> dict:
-        data = {k: v for k, v in row.items() if k not in META_COLUMNS}
-        return {
-            "id": row["_gf_id"], "error_type": kind, "message": message,
-            "input": row["_gf_raw"] or json.dumps(data, default=str, ensure_ascii=False),
-            "source_file": row["_gf_source"], "source_row": row["_gf_row"], "job_id": self.job_id,
-            "worker_id": self.worker_id, "node_id": self.node_id, "failed_at": now(),
-        }
+        return error_row(row, kind, message, self.job_id, self.worker_id, self.node_id)
+
+
+def error_row(row: dict, kind: str, message: str, job_id: str, worker_id: str, node_id: str) -> dict:
+    data = {k: v for k, v in row.items() if k not in META_COLUMNS}
+    return {
+        "id": row["_gf_id"], "error_type": kind, "message": message,
+        "input": row["_gf_raw"] or json.dumps(data, default=str, ensure_ascii=False),
+        "source_file": row["_gf_source"], "source_row": row["_gf_row"], "job_id": job_id,
+        "worker_id": worker_id, "node_id": node_id, "failed_at": now(),
+    }
+
+
+def commit(store: OutputStore, rows: list[dict], results: list[dict], errors: list[dict], schema: pa.Schema) -> None:
+    """One part per input file in this batch (part names carry the file's key), errors before results."""
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row["_gf_source"], []).append(row)
+    for source, source_rows in by_source.items():
+        name = part_name(source_key(source), min(r["_gf_row"] for r in source_rows),
+                         [r["_gf_id"] for r in source_rows])
+        source_errors = [e for e in errors if e["source_file"] == source]
+        source_results = [r for r in results if r["source_file"] == source]
+        if source_errors:
+            store.commit(pa.Table.from_pylist(source_errors, schema=ERROR_SCHEMA), name, errors=True)
+        if source_results:
+            store.commit(pa.Table.from_pylist(source_results, schema=schema), name)
+
+
+def stats_row(rows: int, results: list[dict], errors: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{
+        "rows": rows, "results": len(results), "errors": len(errors),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in results if r["sample_index"] == 0),
+        "completion_tokens": sum(r["completion_tokens"] for r in results),
+    }], schema=STATS_SCHEMA)
+
+
+def record_failures(batch: pa.Table, output: str, job_id: str) -> pa.Table:
+    """The last pass: rows no engine could finish, even alone, are written as engine_error rows."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    rows = batch.to_pylist()
+    message = "the engine actor died on this row on every try (see workers.max_retries)"
+    errors = [error_row(row, "engine_error", message, job_id, "", node_id) for row in rows]
+    commit(OutputStore(output), rows, [], errors, ERROR_SCHEMA)
+    return stats_row(len(rows), [], errors)

@@ -1,0 +1,116 @@
+"""Jobs survive what kills other batch tools: a dead engine actor, a killed driver, Ctrl-C. Every input row ends
+up exactly once in results + errors. Real processes are killed with real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import make_job, topics, write_jsonl
+
+from genfarm.batch.job import plan_job, record_pass, run_job, start_ray
+from genfarm.batch.progress import JobProgress
+
+
+def engine_actor_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"GenerateWorker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_for(condition, timeout: float = 180, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def committed_parts(output: Path) -> list[str]:
+    return [p for p in os.listdir(output) if p.endswith(".parquet")] if output.exists() else []
+
+
+def assert_exactly_once(output: Path, ids: list[str]) -> None:
+    done = list(pd.read_parquet(output)["id"])
+    if (output / "_errors").exists():
+        done += list(pd.read_parquet(output / "_errors")["id"])
+    assert sorted(done) == sorted(ids)  # no row lost, none repeated
+
+
+def test_engine_actor_killed_mid_job(tmp_path, tiny, ray_session):
+    rows = topics(160)
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out"
+    job = make_job(data, out, tiny, sampling={"max_tokens": 48}, workers={"batch_size": 8})
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(run_job(job, show_progress=False)))
+    runner.start()
+    wait_for(lambda: len(committed_parts(out)) >= 2, what="two committed parts")
+    pids = engine_actor_pids()
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    parts_at_kill = len(committed_parts(out))
+    runner.join(timeout=600)
+    assert not runner.is_alive()
+    assert parts_at_kill < len(committed_parts(out))  # the kill happened mid-job
+    assert result["status"] == "complete" and result["error_rows"] == 0
+    assert_exactly_once(out, [r["id"] for r in rows])
+
+
+def test_rows_that_fail_every_try_are_recorded_as_engine_errors(tmp_path, tiny, ray_session):
+    data = write_jsonl(tmp_path / "t.jsonl", topics(7))
+    job = make_job(data, tmp_path / "out", tiny)
+    plan = plan_job(job, restart=False, job_file="")
+    start_ray(job)
+    with JobProgress(plan.total, 0, enabled=False) as progress:
+        record_pass(plan, progress)  # what the last pass does with rows no engine could finish
+    errors = pd.read_parquet(tmp_path / "out" / "_errors")
+    assert sorted(errors["id"]) == [f"t{i:03d}" for i in range(7)]
+    assert (errors["error_type"] == "engine_error").all()
+    assert errors["message"].str.contains("workers.max_retries").all()
+
+
+def cli_job(tmp_path, tiny, n_rows: int):
+    rows = topics(n_rows)
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: {{path: {data}, id_column: id}}\ntask: {{type: article}}\nmodel: {{name: {tiny}}}\n"
+                   "engine: {max_model_len: 512, kv_cache_gib: 0.25}\nsampling: {max_tokens: 48}\n"
+                   f"workers: {{batch_size: 8}}\noutput: {{path: {tmp_path / 'out'}}}\n")
+    command = [sys.executable, "-m", "genfarm", "run", str(job), "--no-progress", "--json"]
+    return rows, command
+
+
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
+def test_driver_stopped_mid_job_then_same_command_finishes(tmp_path, tiny, how):
+    rows, command = cli_job(tmp_path, tiny, 200)
+    out = tmp_path / "out"
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(committed_parts(out)) >= 2 or driver.poll() is not None, what="two committed parts")
+    assert driver.poll() is None, "the job ended before it could be stopped"
+    driver.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+    _, stderr = driver.communicate(timeout=120)
+    if how == "ctrl-c":
+        assert driver.returncode == 130 and "run the same command again" in stderr
+    else:
+        assert driver.returncode == -signal.SIGKILL
+    kept = len(committed_parts(out))
+    assert kept >= 2
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert len(committed_parts(out)) > kept
+    assert_exactly_once(out, [r["id"] for r in rows])
