@@ -47,10 +47,31 @@ def run(
     except KeyboardInterrupt:
         err.print("[yellow]stopped[/]: every committed part is kept; run the same command again to finish.")
         raise typer.Exit(130)
+    finish(summary, as_json)
+
+
+@app.command("retry-errors")
+def retry_errors(
+    output: str = typer.Argument(..., help="A job's output folder."),
+    types: list[str] = typer.Option([], "--type", help="Only error rows of this type (repeatable), e.g. timeout."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the live progress bar."),
+) -> None:
+    """Generate a job's error rows again with the job's own settings (the old error rows are kept aside)."""
+    from genfarm.batch.job import retry_errors as retry
+    from genfarm.tasks.base import ERROR_TYPES
+
+    for kind in types:
+        if kind not in ERROR_TYPES:
+            raise UserError(f"--type {kind}", "unknown error type", f"use one of: {', '.join(ERROR_TYPES)}")
+    finish(retry(output, types or None, show_progress=progress), as_json=False)
+
+
+def finish(summary: dict, as_json: bool) -> None:
+    """Print a job summary; exit 1 when rows are still missing."""
     if as_json:
         print(json.dumps(summary, indent=2))
-        return
-    print_summary(summary)
+    else:
+        print_summary(summary)
     if summary["status"] != "complete":
         raise typer.Exit(1)
 

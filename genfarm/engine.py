@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +100,9 @@ class Engine:
         self.llm = LLM(**engine_args(model, spec, gpu))
         self.tokenizer = self.llm.get_tokenizer()
         self._request_ids = itertools.count()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
 
     def render(self, messages: list[dict] | None, text: str | None) -> str:
         """The exact prompt text: chat messages through the model's chat template, or a raw prompt as is."""
@@ -121,40 +126,94 @@ class Engine:
     def generate(self, prompts: list[list[int]], sampling: list[SamplingSpec], seeds: list[int | None]) -> list:
         """One Generation per prompt, or the exception that prompt alone raised (a rejected prompt, a timeout).
 
-        Drives vLLM's step loop itself rather than LLM.generate, so one bad prompt never fails the others and a
-        request running past engine.request_timeout_s is aborted and reported instead of stalling the batch.
+        Thread-safe: batches from several threads feed one engine loop, so the engine never idles while one
+        batch waits for its longest answer. Raises EngineDead if the engine itself failed.
         """
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        engine = self.llm.llm_engine
-        results: list = [None] * len(prompts)
-        pending: dict[str, tuple[int, float]] = {}
+        batch = _Batch(len(prompts))
         for index, (ids, spec, seed) in enumerate(zip(prompts, sampling, seeds)):
             params = to_sampling_params(SamplingParams, spec, seed)
             params.output_kind = RequestOutputKind.FINAL_ONLY
-            request_id = f"gf-{next(self._request_ids)}"
-            try:
-                engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
-            except Exception as err:  # noqa: BLE001 - vLLM refused this prompt alone
-                results[index] = err
-                continue
-            pending[request_id] = (index, time.monotonic())
+            self._inbox.put((batch, index, ids, params))
+        self._ensure_loop()
+        batch.done.wait()
+        if batch.failure is not None:
+            raise EngineDead(f"the vLLM engine failed: {batch.failure!r}") from batch.failure
+        return batch.results
+
+    def _ensure_loop(self) -> None:
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = threading.Thread(target=self._run, name="genfarm-engine-loop", daemon=True)
+                self._loop.start()
+
+    def _run(self) -> None:
+        """The one thread that talks to vLLM: add what arrived, step, hand out what finished, abort the overdue."""
+        from vllm.inputs import TokensPrompt
+
+        engine = self.llm.llm_engine
+        pending: dict[str, tuple[_Batch, int, float]] = {}
         timeout = self.spec.request_timeout_s
-        while pending:
-            for output in engine.step():
-                if output.finished and output.request_id in pending:
-                    results[pending.pop(output.request_id)[0]] = to_generation(output)
-            if timeout is not None:
-                now = time.monotonic()
-                expired = [rid for rid, (_, start) in pending.items() if now - start > timeout]
-                if expired:
-                    engine.abort_request(expired)
-                    for rid in expired:
-                        results[pending.pop(rid)[0]] = TimeoutError(f"no answer within {timeout:g}s "
-                                                                    "(engine.request_timeout_s)")
-        return results
+        try:
+            while True:
+                arrivals = [self._inbox.get()] if not pending else []  # idle: sleep until work comes
+                while not self._inbox.empty():
+                    arrivals.append(self._inbox.get_nowait())
+                for batch, index, ids, params in arrivals:
+                    request_id = f"gf-{next(self._request_ids)}"
+                    try:
+                        engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
+                    except Exception as err:  # noqa: BLE001 - vLLM refused this prompt alone
+                        batch.set(index, err)
+                        continue
+                    pending[request_id] = (batch, index, time.monotonic())
+                if not pending:
+                    continue
+                for output in engine.step():
+                    if output.finished and output.request_id in pending:
+                        batch, index, _ = pending.pop(output.request_id)
+                        batch.set(index, to_generation(output))
+                if timeout is not None:
+                    now = time.monotonic()
+                    expired = [rid for rid, (_, _, start) in pending.items() if now - start > timeout]
+                    if expired:
+                        engine.abort_request(expired)
+                        for rid in expired:
+                            batch, index, _ = pending.pop(rid)
+                            batch.set(index, TimeoutError(f"no answer within {timeout:g}s (engine.request_timeout_s)"))
+        except BaseException as err:  # noqa: BLE001 - the engine is gone: fail every waiting batch, now and later
+            for batch, _, _ in pending.values():
+                batch.fail(err)
+            while True:
+                self._inbox.get()[0].fail(err)
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class _Batch:
+    """Results of one generate() call, filled in by the engine loop."""
+
+    def __init__(self, size: int):
+        self.results: list = [None] * size
+        self.remaining = size
+        self.failure: BaseException | None = None
+        self.done = threading.Event()
+        if size == 0:
+            self.done.set()
+
+    def set(self, index: int, value) -> None:
+        self.results[index] = value
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+
+    def fail(self, err: BaseException) -> None:
+        self.failure = err
+        self.done.set()
 
 
 def to_sampling_params(cls, spec: SamplingSpec, seed: int | None):

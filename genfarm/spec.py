@@ -107,6 +107,9 @@ class WorkersSpec(Spec):
     max: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1, description="Rows handed to an engine at once.")
     max_retries: int = Field(2, ge=0, description="Tries again for a batch whose engine actor died.")
+    batches_in_flight: int = Field(
+        3, ge=1, description="Batches an engine works on at once, so it never idles while one batch finishes."
+    )
 
     @model_validator(mode="after")
     def _count_or_range(self) -> WorkersSpec:

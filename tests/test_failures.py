@@ -114,3 +114,26 @@ def test_driver_stopped_mid_job_then_same_command_finishes(tmp_path, tiny, how):
     assert again.returncode == 0, again.stderr
     assert len(committed_parts(out)) > kept
     assert_exactly_once(out, [r["id"] for r in rows])
+
+
+def test_retry_errors_generates_error_rows_again(tmp_path, tiny, ray_session):
+    data = write_jsonl(tmp_path / "t.jsonl", topics(7) + [{"id": "bad"}])
+    out = tmp_path / "out"
+    job = make_job(data, out, tiny)
+    plan = plan_job(job, restart=False, job_file="")
+    start_ray(job)
+    with JobProgress(plan.total, 0, enabled=False) as progress:
+        record_pass(plan, progress)  # as if every engine had died on every row
+    result = subprocess.run([sys.executable, "-m", "genfarm", "retry-errors", str(out), "--type", "engine_error",
+                             "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = pd.read_parquet(out)
+    assert sorted(results["id"]) == [f"t{i:03d}" for i in range(7)]
+    errors = pd.read_parquet(out / "_errors")
+    assert list(errors["id"]) == ["bad"] and list(errors["error_type"]) == ["missing_field"]
+    assert_exactly_once(out, [f"t{i:03d}" for i in range(7)] + ["bad"])
+    retried = [p for p in os.listdir(out / "_genfarm") if p.startswith("retried-")]
+    assert len(retried) == 1  # the old error rows are kept aside, not deleted
+    nothing = subprocess.run([sys.executable, "-m", "genfarm", "retry-errors", str(out), "--type", "timeout"],
+                             capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 2 and "no error rows of type timeout" in nothing.stderr

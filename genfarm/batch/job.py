@@ -48,7 +48,7 @@ def check_resume(store: OutputStore, parts: dict, restart: bool) -> dict:
     """Load or create the job manifest; refuse to mix outputs of different settings in one folder."""
     manifest = store.read_json(f"{META}/job.json")
     if manifest and restart:
-        kept = store.move_aside(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+        kept = store.move_aside(_stamp())
         manifest = None
         if kept:
             logging.getLogger("genfarm").warning("earlier results kept in %s", kept)
@@ -135,6 +135,21 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
     return summary
 
 
+def retry_errors(output: str, types: list[str] | None, show_progress: bool = True) -> dict:
+    """Generate the error rows of a job again (all, or those of some types), with the job's own settings."""
+    store = OutputStore(output)
+    manifest = store.read_json(f"{META}/job.json")
+    if manifest is None:
+        raise UserError("OUTPUT", f"{output} holds no genfarm job", "give the output.path of a job you ran")
+    job = JobSpec.model_validate(manifest["spec"])
+    list_inputs(job.input)  # the input must still be there before any error row is taken back
+    taken = store.take_errors(types, _stamp())
+    if not taken:
+        raise UserError("--type" if types else "OUTPUT", f"no error rows{' of type ' + ', '.join(types) if types else ''}"
+                        f" in {output}", "see them with: genfarm inspect OUTPUT --errors")
+    return run_job(job, show_progress=show_progress, job_file=manifest.get("job_file", ""))
+
+
 def missing(plan: Plan) -> bool:
     return plan.store.count().rows(plan.job.sampling.n) < plan.total
 
@@ -168,7 +183,10 @@ def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: i
                                    "job_id": plan.job_id, "run_id": plan.run_id},
             batch_size=batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=least, max_size=most),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=least, max_size=most, max_tasks_in_flight_per_actor=job.workers.batches_in_flight,
+                max_concurrent_calls_per_actor=job.workers.batches_in_flight, enable_true_multi_threading=True,
+            ),
             max_restarts=-1,
             max_task_retries=retries,
             **worker_resources(job.engine, gpus),
@@ -227,6 +245,10 @@ def _quiet_ray_data() -> None:
     context.print_on_execution_start = False
     context.max_errored_blocks = -1  # a batch that failed every retry is retried row by row, not fatal
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
 def _now() -> str:

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - makes pa.compute available
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -120,6 +121,31 @@ class OutputStore:
         for part in self.parts(errors):
             total += pa.compute.sum(pq.read_table(part, columns=[column], filesystem=self.fs).column(column)).as_py() or 0
         return total
+
+    def take_errors(self, types: list[str] | None, label: str) -> int:
+        """Un-commit error rows (all, or those of the given types) so the next run generates them again.
+
+        Each affected part is first copied whole to _genfarm/retried-LABEL/, then rewritten without the taken rows;
+        a crash in between leaves the rows still committed, never lost.
+        """
+        taken = 0
+        archive = self.path(META, f"retried-{label}")
+        for part in self.parts(errors=True):
+            table = pq.read_table(part, filesystem=self.fs)
+            chosen = (pa.array([True] * table.num_rows) if not types else
+                      pa.compute.is_in(table.column("error_type"), value_set=pa.array(types)))
+            count = pa.compute.sum(chosen).as_py() or 0
+            if not count:
+                continue
+            self.fs.create_dir(archive, recursive=True)
+            pq.write_table(table, f"{archive}/{os.path.basename(part)}", filesystem=self.fs)
+            kept = table.filter(pa.compute.invert(chosen))
+            if kept.num_rows:
+                self.commit(kept, os.path.basename(part), errors=True)
+            else:
+                self.fs.delete_file(part)
+            taken += count
+        return taken
 
     def move_aside(self, label: str) -> str | None:
         """Keep an earlier run's results under _genfarm/previous-LABEL (ignored by readers) instead of deleting them."""

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
 from genfarm.batch.source import META_COLUMNS
 from genfarm.batch.store import RUN_FILE, OutputStore, part_name, source_key
-from genfarm.engine import Engine, PromptTooLong
+from genfarm.engine import Engine, EngineDead, PromptTooLong
 from genfarm.models import ResolvedModel
 from genfarm.spec import JobSpec
 from genfarm.tasks import make_task
@@ -98,7 +99,12 @@ class GenerateWorker:
             except PromptTooLong as err:
                 errors.append(self._error(row, "prompt_too_long", str(err)))
         seeds = [row_seed(self.job.sampling.seed, row["_gf_id"]) for row, _, _ in ready]
-        generations = self.engine.generate([ids for _, _, ids in ready], [self.job.sampling] * len(ready), seeds)
+        try:
+            generations = self.engine.generate([ids for _, _, ids in ready], [self.job.sampling] * len(ready), seeds)
+        except EngineDead:
+            # Replace the engine the only safe way: let this actor die so Ray restarts it with a fresh one and
+            # retries the batch there (bounded by workers.max_retries).
+            os._exit(1)
         finished = now()
         results: list[dict] = []
         for (row, text, _), seed, gen in zip(ready, seeds, generations):
@@ -180,6 +186,7 @@ def record_failures(batch: pa.Table, output: str, job_id: str) -> pa.Table:
     node_id = ray.get_runtime_context().get_node_id()
     rows = batch.to_pylist()
     message = "the engine actor died on this row on every try (see workers.max_retries)"
-    errors = [error_row(row, "engine_error", message, job_id, "", node_id) for row in rows]
+    errors = [error_row(row, *(row["_gf_error"].split(": ", 1) if row["_gf_error"] else ("engine_error", message)),
+                        job_id, "", node_id) for row in rows]
     commit(OutputStore(output), rows, [], errors, ERROR_SCHEMA)
     return stats_row(len(rows), [], errors)
