@@ -82,7 +82,9 @@ class EngineSpec(Spec):
     kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size per engine, in GiB.")
     tensor_parallel_size: int = Field(1, ge=1)
     gpus_per_worker: float | None = Field(None, ge=0, description="Default: tensor_parallel_size on GPUs.")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each engine actor reserves in Ray.")
+    cpu_threads: int | None = Field(None, ge=1, description="Threads of a CPU engine; default: every core of its "
+                                    "machine (Ray would otherwise give it one thread per reserved CPU).")
     enforce_eager: bool = True
     request_timeout_s: float | None = Field(
         600, gt=0, description="A request still generating after this many seconds becomes a timeout error row."

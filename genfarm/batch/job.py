@@ -67,6 +67,9 @@ def start_ray(job: JobSpec) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray explains its defaults at every start; a genfarm user sees genfarm's progress instead.
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)

@@ -1,0 +1,252 @@
+"""genfarm vs bare vLLM vs ray.data.llm: the same prompts, model, engine settings and sampling, in one run.
+
+    python -m benchmarks.batch                      # both scenarios, all three systems
+    python -m benchmarks.batch --scenario articles --prompts 128
+
+Each system runs in a fresh subprocess, one after another, so none shares a warm process with another:
+  bare     vllm.LLM + one LLM.generate call over every prompt: the ceiling
+  genfarm  a genfarm batch job end to end: Ray start, read JSONL, render, generate, write Parquet
+  raydata  ray.data.llm.build_processor with the same engine settings, writing Parquet too
+Generated tokens are counted from the outputs (EOS allowed, greedy). Writes benchmarks/results/batch.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SYSTEMS = ("bare", "genfarm", "raydata")
+ENGINE = {"max_model_len": 2048, "max_num_seqs": 64, "kv_cache_gib": 2.0}
+SCENARIOS = {
+    # Article prompts of varied length; realistic outputs that mostly stop at EOS or max_tokens.
+    "articles": {"prompts": 256, "max_tokens": 256, "batch_size": 64},
+    # Many short prompts, a few output tokens each: per-row overhead dominates.
+    "short": {"prompts": 2048, "max_tokens": 4, "batch_size": 256},
+}
+TOPICS = ("the printing press", "honey bees", "the water cycle", "compound interest", "volcanoes", "black holes",
+          "jazz", "recycling", "solar panels", "sleep", "the bicycle", "coffee", "coral reefs", "vaccines", "chess",
+          "the internet")
+CONTEXT = ("Mention one surprising fact. ", "Include a short example from everyday life. ",
+           "End with a practical tip for the reader. ", "Explain one common misconception and correct it. ")
+REVIEWS = ("The battery died after two days and support never answered.", "Lovely hotel, friendly staff, great view.",
+           "The plot dragged but the acting was superb.", "Arrived broken. Refund took a month.",
+           "Best pizza in town, I keep coming back.", "Meh. It does the job, nothing more.")
+
+
+def rows(scenario: str, n: int) -> list[dict]:
+    if scenario == "articles":
+        out = []
+        for i in range(n):
+            extra = "".join(CONTEXT[(i + k) % len(CONTEXT)] for k in range(i % 4))
+            out.append({"id": f"a{i:04d}", "topic": f"{TOPICS[i % len(TOPICS)]} (part {i // len(TOPICS) + 1})",
+                        "style": "clear and informative. " + extra, "length": f"about {100 + 50 * (i % 4)} words"})
+        return out
+    return [{"id": f"s{i:05d}", "review": f"{REVIEWS[i % len(REVIEWS)]} (#{i})"} for i in range(n)]
+
+
+def task_config(scenario: str) -> dict:
+    if scenario == "articles":
+        return {"type": "article"}
+    return {"type": "template", "messages": [{"role": "user", "content": SHORT_TEMPLATE}]}
+
+
+@functools.cache
+def task(scenario: str):
+    from pydantic import TypeAdapter
+
+    from genfarm.spec import TaskSpec
+    from genfarm.tasks import make_task
+
+    return make_task(TypeAdapter(TaskSpec).validate_python(task_config(scenario)))
+
+
+def messages(scenario: str, row: dict) -> list[dict]:
+    """The exact chat each system sends, built by genfarm's own tasks so the prompts are identical."""
+    return task(scenario).prompt(row).messages
+
+
+SHORT_TEMPLATE = "Is this review positive or negative? Answer with one word.\nReview: {{ review }}"
+
+
+# --- the three systems, each run in its own process ---------------------------------------------------------
+def run_bare(model: str, scenario: str, data: list[dict], work: Path) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the same in-process engine genfarm uses on CPU
+    t0 = time.monotonic()  # importing vLLM counts, as it does inside genfarm's engine actors
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, max_model_len=ENGINE["max_model_len"], max_num_seqs=ENGINE["max_num_seqs"],
+              kv_cache_memory_bytes=int(ENGINE["kv_cache_gib"] * 2**30), enforce_eager=True, seed=0)
+    t1 = time.monotonic()
+    params = SamplingParams(temperature=0, max_tokens=SCENARIOS[scenario]["max_tokens"])
+    outputs = llm.chat([messages(scenario, r) for r in data], params, use_tqdm=False)
+    t2 = time.monotonic()
+    return {"wall_s": t2 - t0, "startup_s": t1 - t0, "generate_s": t2 - t1,
+            "tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "rows": len(outputs)}
+
+
+def run_genfarm(model: str, scenario: str, data: list[dict], work: Path) -> dict:
+    import pandas as pd
+
+    from genfarm.batch.job import run_job
+    from genfarm.spec import JobSpec
+
+    spec = SCENARIOS[scenario]
+    source = work / "input.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in data))
+    job = JobSpec.model_validate({
+        "input": {"path": str(source), "id_column": "id"}, "task": task_config(scenario), "model": {"name": model},
+        "engine": ENGINE, "sampling": {"temperature": 0, "max_tokens": spec["max_tokens"]},
+        "workers": {"count": 1, "batch_size": spec["batch_size"]}, "output": {"path": str(work / "genfarm-out")},
+    })
+    t0 = time.monotonic()
+    summary = run_job(job, show_progress=False)
+    wall = time.monotonic() - t0
+    df = pd.read_parquet(work / "genfarm-out", columns=["completion_tokens", "started_at", "finished_at"])
+    generate = (df["finished_at"].max() - df["started_at"].min()).total_seconds()
+    return {"wall_s": wall, "startup_s": wall - generate, "generate_s": generate,
+            "tokens": int(df["completion_tokens"].sum()), "rows": summary["completed_rows"]}
+
+
+def run_raydata(model: str, scenario: str, data: list[dict], work: Path) -> dict:
+    import pandas as pd
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    spec = SCENARIOS[scenario]
+    t0 = time.monotonic()
+    ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs={"max_model_len": ENGINE["max_model_len"], "max_num_seqs": ENGINE["max_num_seqs"],
+                       "kv_cache_memory_bytes": int(ENGINE["kv_cache_gib"] * 2**30), "enforce_eager": True},
+        batch_size=spec["batch_size"], concurrency=1,
+        placement_group_config={"bundles": [{"CPU": 1}]},  # CPU: one bundle, no GPU (see platform notes)
+    )
+    max_tokens = spec["max_tokens"]
+    processor = build_processor(
+        config,
+        # Prompts are built up front: the lambdas are shipped to Ray workers and must not need this module.
+        preprocess=lambda row: {"id": row["id"], "messages": row["messages"],
+                                "sampling_params": {"temperature": 0, "max_tokens": max_tokens}},
+        postprocess=lambda row: {"id": row["id"], "text": row["generated_text"],
+                                 "tokens": row["num_generated_tokens"]},
+    )
+    items = [{"id": r["id"], "messages": messages(scenario, r)} for r in data]
+    processor(ray.data.from_items(items)).write_parquet(str(work / "raydata-out"))
+    wall = time.monotonic() - t0
+    df = pd.read_parquet(work / "raydata-out")
+    ray.shutdown()
+    return {"wall_s": wall, "startup_s": None, "generate_s": None, "tokens": int(df["tokens"].sum()),
+            "rows": len(df)}
+
+
+RUNNERS = {"bare": run_bare, "genfarm": run_genfarm, "raydata": run_raydata}
+
+
+def one(system: str, scenario: str, prompts: int, model: str, out: Path) -> None:
+    """Child process: run one system on one scenario and write its numbers as JSON."""
+    work = Path(tempfile.mkdtemp(prefix=f"gf-bench-{system}-"))
+    result = RUNNERS[system](model, scenario, rows(scenario, prompts), work)
+    result["tokens_per_s"] = result["tokens"] / result["wall_s"]
+    result["generate_tokens_per_s"] = result["tokens"] / result["generate_s"] if result["generate_s"] else None
+    out.write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="Comma-separated subset of bare,genfarm,raydata.")
+    parser.add_argument("--prompts", type=int, help="Override the scenario's prompt count.")
+    parser.add_argument("--one", nargs=2, metavar=("SYSTEM", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from genfarm import models
+
+    model = models.resolve(models.DEFAULT_MODEL).path
+    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.one:
+        one(args.one[0], scenarios[0], args.prompts or SCENARIOS[scenarios[0]]["prompts"], model, Path(args.one[1]))
+        return
+    results = []
+    for scenario in scenarios:
+        prompts = args.prompts or SCENARIOS[scenario]["prompts"]
+        for system in args.systems.split(","):
+            out = Path(tempfile.mktemp(suffix=".json"))
+            print(f"{scenario}: {system} on {prompts} prompts ...", flush=True)
+            done = subprocess.run([sys.executable, "-m", "benchmarks.batch", "--scenario", scenario, "--prompts",
+                                   str(prompts), "--one", system, str(out)], cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                results.append({"scenario": scenario, "system": system, "prompts": prompts, "failed": True})
+                continue
+            results.append({"scenario": scenario, "system": system, "prompts": prompts, **json.loads(out.read_text())})
+            print(f"  {results[-1]['tokens']} tokens in {results[-1]['wall_s']:.1f}s", flush=True)
+    report(results)
+
+
+def report(results: list[dict]) -> None:
+    import platform
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+            "model": "SmolLM2-135M-Instruct (bf16)", "engine": ENGINE, "sampling": "greedy, EOS allowed"}
+    (RESULTS / "batch.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['model']}, {meta['sampling']}, "
+             f"max_num_seqs {ENGINE['max_num_seqs']}.", "",
+             "| scenario | system | prompts | generated tokens | wall s | tok/s (whole run) | tok/s (generation) "
+             "| vs bare (generation) | vs bare (whole) | vs ray.data.llm (whole) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("failed"):
+            lines.append(f"| {r['scenario']} | {r['system']} | {r['prompts']} | failed | | | | | | |")
+            continue
+        peers = {p["system"]: p for p in results if p["scenario"] == r["scenario"] and not p.get("failed")}
+        bare, raydata = peers.get("bare"), peers.get("raydata")
+        gen_ratio = (f"{r['generate_tokens_per_s'] / bare['generate_tokens_per_s']:.2f}x"
+                     if bare and r.get("generate_tokens_per_s") else "")
+        whole_ratio = f"{r['tokens_per_s'] / bare['tokens_per_s']:.2f}x" if bare else ""
+        rd_ratio = f"{r['tokens_per_s'] / raydata['tokens_per_s']:.2f}x" if raydata else ""
+        gen = f"{r['generate_tokens_per_s']:,.0f}" if r.get("generate_tokens_per_s") else "n/a"
+        lines.append(f"| {r['scenario']} | {r['system']} | {r['prompts']} | {r['tokens']:,} | {r['wall_s']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {gen} | {gen_ratio} | {whole_ratio} | {rd_ratio} |")
+    (RESULTS / "batch.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(results)
+
+
+def plot(results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(r["scenario"] for r in results))
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 3.6), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios):
+        ok = [r for r in results if r["scenario"] == scenario and not r.get("failed")]
+        names = [r["system"] for r in ok]
+        whole = [r["tokens_per_s"] for r in ok]
+        gen = [r.get("generate_tokens_per_s") or 0 for r in ok]
+        x = range(len(ok))
+        ax.bar([i - 0.2 for i in x], whole, width=0.4, label="whole run")
+        ax.bar([i + 0.2 for i in x], gen, width=0.4, label="generation phase")
+        ax.set_xticks(list(x), names)
+        ax.set_ylabel("generated tokens/s")
+        ax.set_title(f"{scenario} ({ok[0]['prompts'] if ok else 0} prompts)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "batch.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
