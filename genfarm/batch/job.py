@@ -192,6 +192,7 @@ def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: i
             ),
             max_restarts=-1,
             max_task_retries=retries,
+            scheduling_strategy="SPREAD",  # one engine per node before any node gets a second
             **worker_resources(job.engine, gpus),
         )
     consume(dataset, progress)

@@ -1,0 +1,77 @@
+"""Cluster configs cannot be applied here (no cloud, no Kubernetes, no Docker engine): check that they parse, carry
+the fields their tools require, ask for consistent resources, and name the versions pyproject.toml pins."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+RAY_VERSION = re.search(r"ray\[[^\]]*\]==([\d.]+)", " ".join(PROJECT["dependencies"])).group(1)
+IMAGE = f"genfarm:{PROJECT['version']}-gpu"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "cluster" / name).read_text())
+
+
+def containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def check_cluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"] == RAY_VERSION
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # engines never land on the head
+    assert [c["image"] for c in containers(head["template"])] == [IMAGE]
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        for container in containers(group["template"]):
+            assert container["image"] == IMAGE
+            res = container["resources"]
+            gpus = group["rayStartParams"]["num-gpus"]
+            assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == gpus
+
+
+def test_raycluster_manifest():
+    doc = load("kuberay/raycluster.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
+    assert doc["spec"]["enableInTreeAutoscaling"] is True
+    check_cluster_spec(doc["spec"])
+
+
+def test_rayjob_manifest_runs_a_genfarm_job():
+    doc = load("kuberay/rayjob.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    assert doc["spec"]["entrypoint"].startswith("genfarm run /etc/genfarm/job.yaml")
+    check_cluster_spec(doc["spec"]["rayClusterSpec"])
+    head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounted = {m["mountPath"] for c in head["containers"] for m in c.get("volumeMounts", [])}
+    assert "/etc/genfarm" in mounted and head["volumes"][0]["configMap"]["name"] == "genfarm-job"
+
+
+def test_launcher_config():
+    doc = load("launcher/aws-gpu.yaml")
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"):
+        assert key in doc
+    assert doc["docker"]["image"] == IMAGE
+    types = doc["available_node_types"]
+    assert doc["head_node_type"] in types and types[doc["head_node_type"]]["resources"]["CPU"] == 0
+    gpu = types["gpu_worker"]
+    assert gpu["resources"]["GPU"] >= 1 and gpu["min_workers"] <= gpu["max_workers"] <= doc["max_workers"]
+
+
+def test_dockerfile_uses_the_pinned_ray():
+    text = (ROOT / "cluster" / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{RAY_VERSION}-py311-gpu" in text and "[gpu]" in text
+
+
+@pytest.mark.parametrize("script", ["local-cluster.sh"])
+def test_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(ROOT / "cluster" / script)]).returncode == 0
