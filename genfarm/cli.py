@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from genfarm.errors import UserError
 
@@ -22,6 +22,12 @@ app = typer.Typer(
 models_app = typer.Typer(help="List and prepare models (the default model is embedded; no model hub needed).",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
+jobs_app = typer.Typer(help="Follow jobs submitted to a cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+cluster_app = typer.Typer(help="See a running Ray cluster: nodes, engines, Serve replicas, jobs.",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+ADDRESS_HELP = "The cluster's dashboard address (default: $GENFARM_CLUSTER or http://127.0.0.1:8265)."
 out = Console(soft_wrap=True)  # long paths stay on one line for grep and copy-paste
 err = Console(stderr=True, soft_wrap=True)
 
@@ -185,6 +191,77 @@ def models_prepare(name: str = typer.Argument("smollm2-135m-instruct", help="Emb
     from genfarm import models
 
     out.print(f"{name} ready at {models.prepare(name)}")
+
+
+@app.command()
+def submit(
+    job_file: Path = typer.Argument(..., help="Job file (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+) -> None:
+    """Submit a batch job to a running cluster through Ray's Jobs API; the job file and local input go along."""
+    from genfarm import cluster
+
+    job_id = cluster.submit(str(job_file), set_, cluster.address_or_default(address))
+    out.print(f"submitted {job_id}\nfollow it: genfarm jobs status {job_id}   genfarm jobs logs {job_id}")
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
+    """Jobs submitted to the cluster, newest last."""
+    from genfarm import cluster
+
+    # ids are copied into other commands: never folded
+    view = Table(Column("job id", no_wrap=True), Column("status", no_wrap=True), "entrypoint", "message")
+    for job in cluster.jobs(cluster.address_or_default(address)):
+        view.add_row(job["job_id"], job["status"], job["entrypoint"], job["message"])
+    out.print(view)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
+    """One job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    from genfarm import cluster
+
+    out.print(cluster.job_status(cluster.address_or_default(address), job_id))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
+    """A job's driver output so far (genfarm's progress lines and summary)."""
+    from genfarm import cluster
+
+    print(cluster.job_logs(cluster.address_or_default(address), job_id), end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
+    """Stop a job; its committed parts stay, and submitting it again finishes it."""
+    from genfarm import cluster
+
+    stopped = cluster.stop_job(cluster.address_or_default(address), job_id)
+    out.print("stopping" if stopped else "already finished")
+
+
+@cluster_app.command("status")
+def cluster_status(
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+) -> None:
+    """Nodes with their CPUs, GPUs and memory, the engines and Serve replicas on each, and running jobs."""
+    from genfarm import cluster
+
+    status = cluster.cluster_status(cluster.address_or_default(address))
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    view = Table("node", "ip", "state", "head", "CPUs", "GPUs", "memory GiB", "engines", "serve replicas")
+    for n in status["nodes"]:
+        view.add_row(n["node_id"][:12], n["ip"], n["state"], "yes" if n["head"] else "", f"{n['cpus']:g}",
+                     f"{n['gpus']:g}", f"{n['memory_gib']:g}", str(n["engines"]), str(n["serve_replicas"]))
+    out.print(view)
+    for job in status["jobs"]:
+        out.print(f"job {job['job_id']}: {job['status']} - {job['entrypoint']}")
 
 
 def main() -> None:

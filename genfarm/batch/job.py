@@ -77,7 +77,9 @@ def start_ray(job: JobSpec) -> None:
     # A local cluster needs a logical CPU for every engine actor plus one for reading, whatever the cores.
     _, most = job.workers.bounds
     cpus = max(os.cpu_count() or 1, int(most * job.engine.cpus_per_worker) + 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    # address="local": a fresh instance, never a `ray start` cluster that happens to run on this machine.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
 
 
 @dataclass

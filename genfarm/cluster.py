@@ -1,0 +1,113 @@
+"""Operating a running Ray cluster: submit genfarm jobs through Ray's Jobs API, follow them, see what runs where."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from genfarm.errors import UserError
+from genfarm.spec import apply_overrides, load_job
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def address_or_default(address: str | None) -> str:
+    return address or os.environ.get("GENFARM_CLUSTER") or DEFAULT_ADDRESS
+
+
+def job_client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # noqa: BLE001 - connection problems are the user's to fix
+        raise UserError("--address", f"no Ray dashboard answers at {address} ({type(err).__name__})",
+                        "start the cluster (cluster/local-cluster.sh start) or pass --address http://HEAD:8265") from None
+
+
+def package_job(job_file: str, overrides: list[str]) -> tuple[Path, str]:
+    """A folder with the job file and its local input, to ship as the job's working_dir; returns (folder, entrypoint)."""
+    job = load_job(job_file, overrides)  # validate here: a bad job file fails before anything is shipped
+    data = apply_overrides(yaml.safe_load(Path(job_file).read_text()) or {}, list(overrides))
+    if "://" not in job.output.path and not Path(job.output.path).is_absolute():
+        raise UserError("output.path", f"{job.output.path} is relative: it would land in the job's temporary "
+                        "folder on the cluster", "use an absolute path on storage the cluster shares, or s3://...")
+    folder = Path(tempfile.mkdtemp(prefix="genfarm-submit-"))
+    (folder / "input").mkdir()
+    source = Path(job.input.path)
+    if "://" not in job.input.path and any(ch in job.input.path for ch in "*?["):
+        for match in sorted(source.parent.glob(source.name)):
+            shutil.copy2(match, folder / "input" / match.name)
+        data["input"]["path"] = f"input/{source.name}"
+    elif "://" not in job.input.path:
+        if not source.exists():
+            raise UserError("input.path", f"{source} does not exist", "check the path or pass --set input.path=...")
+        target = folder / "input" / source.name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+        data["input"]["path"] = f"input/{source.name}"
+    (folder / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return folder, "genfarm run job.yaml --no-progress"
+
+
+def submit(job_file: str, overrides: list[str], address: str) -> str:
+    folder, entrypoint = package_job(job_file, overrides)
+    client = job_client(address)
+    return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(folder)})
+
+
+def jobs(address: str) -> list[dict]:
+    return [
+        {"job_id": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint,
+         "message": j.message or ""}
+        for j in job_client(address).list_jobs() if j.submission_id
+    ]
+
+
+def job_status(address: str, job_id: str) -> str:
+    try:
+        return str(job_client(address).get_job_status(job_id).value)
+    except RuntimeError:
+        raise UserError("JOB_ID", f"no job {job_id} on {address}", "see: genfarm jobs list") from None
+
+
+def job_logs(address: str, job_id: str) -> str:
+    job_status(address, job_id)
+    return job_client(address).get_job_logs(job_id)
+
+
+def stop_job(address: str, job_id: str) -> bool:
+    job_status(address, job_id)
+    return job_client(address).stop_job(job_id)
+
+
+def cluster_status(address: str) -> dict:
+    """Nodes with their resources, the genfarm engine actors and Serve replicas on each, and the jobs."""
+    from ray.util.state import list_actors, list_nodes
+
+    try:
+        nodes = list_nodes(address=address, detail=True)
+        actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+    except Exception as err:  # noqa: BLE001
+        raise UserError("--address", f"no Ray dashboard answers at {address} ({type(err).__name__})",
+                        "start the cluster or pass --address http://HEAD:8265") from None
+    by_node: dict[str, list[str]] = {}
+    for actor in actors:
+        name = actor.class_name or ""
+        if "GenerateWorker" in name or "ServeReplica" in name:
+            kind = "engine" if "GenerateWorker" in name else "serve-replica"
+            by_node.setdefault(actor.node_id, []).append(kind)
+    return {
+        "nodes": [
+            {"node_id": n.node_id, "ip": n.node_ip, "state": n.state, "head": n.is_head_node,
+             "cpus": n.resources_total.get("CPU", 0), "gpus": n.resources_total.get("GPU", 0),
+             "memory_gib": round(n.resources_total.get("memory", 0) / 2**30, 1),
+             "engines": by_node.get(n.node_id, []).count("engine"),
+             "serve_replicas": by_node.get(n.node_id, []).count("serve-replica")}
+            for n in nodes
+        ],
+        "jobs": [j for j in jobs(address) if j["status"] in ("PENDING", "RUNNING")],
+    }
