@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,7 @@ from genfarm.errors import UserError
 from genfarm.spec import apply_overrides, load_job
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+AGENT_WAIT_S = 60
 
 
 def address_or_default(address: str | None) -> str:
@@ -56,7 +58,15 @@ def package_job(job_file: str, overrides: list[str]) -> tuple[Path, str]:
 def submit(job_file: str, overrides: list[str], address: str) -> str:
     folder, entrypoint = package_job(job_file, overrides)
     client = job_client(address)
-    return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(folder)})
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(folder)})
+        except RuntimeError as err:
+            # A head that just started answers before its job agent is up; that passes within seconds.
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def jobs(address: str) -> list[dict]:
