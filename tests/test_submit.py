@@ -33,6 +33,9 @@ def head():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([BIN / "ray", "start", "--head", "--port", "6392", "--dashboard-port", "8267",
                              "--dashboard-host", "127.0.0.1", "--num-cpus", "3", "--temp-dir", temp,
+                             # the test session's own Ray holds the default agent ports
+                             "--dashboard-agent-listen-port", "52391", "--dashboard-agent-grpc-port", "52392",
+                             "--runtime-env-agent-port", "52393", "--metrics-export-port", "52394",
                              "--disable-usage-stats", "--block"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     from ray.job_submission import JobSubmissionClient
