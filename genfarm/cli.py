@@ -97,12 +97,10 @@ def print_summary(summary: dict) -> None:
 @app.command()
 def status(output: str = typer.Argument(..., help="A job's output folder.")) -> None:
     """Show how far a job got: rows committed, errors, and whether it is complete."""
-    from genfarm.batch.store import META, OutputStore
+    from genfarm.batch.store import OutputStore
 
     store = OutputStore(output)
-    manifest = store.read_json(f"{META}/job.json")
-    if manifest is None:
-        raise UserError("OUTPUT", f"{output} holds no genfarm job", "give the output.path of a job you ran")
+    manifest = store.manifest()
     summary = store.read_json("_summary.json") or {}
     counts = store.count()
     n = manifest["spec"]["sampling"]["n"]

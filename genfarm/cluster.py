@@ -27,8 +27,12 @@ def job_client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # noqa: BLE001 - connection problems are the user's to fix
-        raise UserError("--address", f"no Ray dashboard answers at {address} ({type(err).__name__})",
-                        "start the cluster (cluster/local-cluster.sh start) or pass --address http://HEAD:8265") from None
+        raise unreachable(address, err) from None
+
+
+def unreachable(address: str, err: Exception) -> UserError:
+    return UserError("--address", f"no Ray dashboard answers at {address} ({type(err).__name__})",
+                     "start the cluster (cluster/local-cluster.sh start) or pass --address http://HEAD:8265")
 
 
 def package_job(job_file: str, overrides: list[str]) -> tuple[Path, str]:
@@ -101,9 +105,8 @@ def cluster_status(address: str) -> dict:
     try:
         nodes = list_nodes(address=address, detail=True)
         actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
-    except Exception as err:  # noqa: BLE001
-        raise UserError("--address", f"no Ray dashboard answers at {address} ({type(err).__name__})",
-                        "start the cluster or pass --address http://HEAD:8265") from None
+    except Exception as err:  # noqa: BLE001 - connection problems are the user's to fix
+        raise unreachable(address, err) from None
     by_node: dict[str, list[str]] = {}
     for actor in actors:
         name = actor.class_name or ""

@@ -143,9 +143,7 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
 def retry_errors(output: str, types: list[str] | None, show_progress: bool = True) -> dict:
     """Generate the error rows of a job again (all, or those of some types), with the job's own settings."""
     store = OutputStore(output)
-    manifest = store.read_json(f"{META}/job.json")
-    if manifest is None:
-        raise UserError("OUTPUT", f"{output} holds no genfarm job", "give the output.path of a job you ran")
+    manifest = store.manifest()
     job = JobSpec.model_validate(manifest["spec"])
     list_inputs(job.input)  # the input must still be there before any error row is taken back
     taken = store.take_errors(types, _stamp())

@@ -24,6 +24,8 @@ import pyarrow.compute  # noqa: F401 - makes pa.compute available
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from genfarm.errors import UserError
+
 ERRORS, META = "_errors", "_genfarm"
 RUN_FILE = f"{META}/run.json"
 
@@ -92,6 +94,13 @@ class OutputStore:
                 return json.loads(f.read())
         except (FileNotFoundError, OSError):
             return None
+
+    def manifest(self) -> dict:
+        """The job manifest of this folder; a folder without one is a user error."""
+        manifest = self.read_json(f"{META}/job.json")
+        if manifest is None:
+            raise UserError("OUTPUT", f"{self.uri} holds no genfarm job", "give the output.path of a job you ran")
+        return manifest
 
     # --- reading ---------------------------------------------------------------------------------------------
     def parts(self, errors: bool = False, prefix: str = "") -> list[str]:
