@@ -92,12 +92,21 @@ def print_summary(summary: dict) -> None:
         f"results: {summary['output']}/*.parquet  (pandas.read_parquet('{summary['output']}'))",
         highlight=False,
     )
+    if "documents" in summary:
+        print_documents(summary["documents"])
+
+
+def print_documents(counts: dict) -> None:
+    """The documents line of a translation job: how many were reassembled whole."""
+    out.print(f"documents: {counts['documents']:,} ({counts['complete']:,} complete, {counts['partial']:,} partial, "
+              f"{counts['failed']:,} failed) in {counts['output']}/*.parquet", highlight=False)
 
 
 @app.command()
 def status(output: str = typer.Argument(..., help="A job's output folder.")) -> None:
     """Show how far a job got: rows committed, errors, and whether it is complete."""
     from genfarm.batch.store import OutputStore
+    from genfarm.translation.documents import document_counts
 
     store = OutputStore(output)
     manifest = store.manifest()
@@ -112,6 +121,9 @@ def status(output: str = typer.Argument(..., help="A job's output folder.")) -> 
         out.print("complete")
     else:
         out.print("incomplete: run the same `genfarm run` command again to finish")
+    documents = document_counts(store)
+    if documents:
+        print_documents(documents)
 
 
 @app.command()
@@ -145,6 +157,35 @@ def inspect(
 def _short(value, limit: int = 400) -> str:
     text = str(value)
     return text if len(text) <= limit else text[:limit] + " …"
+
+
+@app.command("eval")
+def evaluate(
+    output: str = typer.Argument(..., help="A translate job's output folder."),
+    references: str = typer.Option(..., "--references", help="JSONL file (or folder of them) of references: "
+                                   '{"id", "target_language", "reference"} per line, e.g. examples/references.'),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Score the references that have a "
+                                       "translation and skip the others (default: every reference needs one)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
+) -> None:
+    """Score translations against references with chrF and BLEU (sacrebleu): per language and per document."""
+    from genfarm.translation import evaluate as scores
+
+    corpus, documents = scores.evaluate(scores.load_translations(output), scores.load_references(references),
+                                        allow_missing)
+    if as_json:
+        print(json.dumps(scores.as_json(corpus, documents), indent=2))
+        return
+    per_document = Table("id", "language", "status", "chrF", "BLEU", title="per document")
+    for d in documents:
+        per_document.add_row(d.id, d.target_language, d.status, f"{d.chrf:.2f}", f"{d.bleu:.2f}")
+    out.print(per_document)
+    per_language = Table("language", "documents", "chrF", "BLEU", title="corpus (sacrebleu)")
+    for c in corpus:
+        per_language.add_row(c.target_language, str(c.documents), f"{c.chrf:.2f}", f"{c.bleu:.2f}")
+    out.print(per_language)
+    for c in corpus:
+        out.print(f"{c.target_language}: {c.chrf_signature}  {c.bleu_signature}", highlight=False)
 
 
 @app.command()

@@ -11,9 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from genfarm.errors import UserError
+from genfarm.translation.languages import UnknownLanguage, to_code
 
 
 class Spec(BaseModel):
@@ -22,7 +30,9 @@ class Spec(BaseModel):
 
 class InputSpec(Spec):
     path: str = Field(description="File, folder, glob or URI (s3://, gs://, ...) of Parquet, JSONL or CSV rows.")
-    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "csv", "text"] = Field(
+        "auto", description="auto goes by file extension; text: each file is one document (Markdown or plain text)."
+    )
     id_column: str | None = Field(None, description="Column holding a unique row id; default: FILE:ROW_NUMBER.")
     limit: int | None = Field(None, ge=1, description="Only the first N rows of each file (for trying a job out).")
 
@@ -42,10 +52,75 @@ class ArticleTask(TaskBase):
     language: str = "English"
 
 
+class SegmentSpec(Spec):
+    enabled: bool | Literal["auto"] = Field(
+        "auto", description="Split documents into segments and reassemble them; auto: when target_languages is set."
+    )
+    max_tokens: int | Literal["auto"] = Field(
+        "auto", description="Source tokens per segment (model tokenizer); auto: what fits beside prompt and answer."
+    )
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _at_least_eight(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 8:
+            raise ValueError(f"{value} tokens per segment is too few. Fix: use at least 8, or auto")
+        return value
+
+
 class TranslateTask(TaskBase):
     type: Literal["translate"]
     source_language: str | None = Field(None, description="Job-wide source language; or a source_language column.")
     target_language: str | None = Field(None, description="Job-wide target language; or a target_language column.")
+    target_languages: list[str] | None = Field(
+        None, description="BCP 47 codes (de, fr, pt-BR); every document is translated into each of them."
+    )
+    segment: SegmentSpec = SegmentSpec()
+    context: bool = Field(False, description="Show the model the previous segment of the document, for context.")
+    glossary: dict[str, str | dict[str, str]] = Field(
+        default_factory=dict, description="Fixed terms: term -> translation, or term -> {language code: translation}."
+    )
+
+    @field_validator("target_languages")
+    @classmethod
+    def _bcp47_codes(cls, codes: list[str] | None) -> list[str] | None:
+        if codes is None:
+            return None
+        if not codes:
+            raise ValueError("the list is empty. Fix: name at least one target language, e.g. [de, fr]")
+        normalized = [_language_code(code) for code in codes]
+        if len(set(normalized)) < len(normalized):
+            raise ValueError(f"{codes} names a language twice. Fix: list each target language once")
+        return normalized
+
+    @model_validator(mode="after")
+    def _consistent_languages(self) -> TranslateTask:
+        if self.target_languages is not None and self.target_language is not None:
+            raise ValueError("give task.target_language or task.target_languages, not both. Fix: use "
+                             "target_languages: [de, fr] for several")
+        if self.documents and self.source_language is not None:
+            object.__setattr__(self, "source_language", _language_code(self.source_language))
+        for term, translations in self.glossary.items():
+            if isinstance(translations, dict):
+                codes = {_language_code(code): text for code, text in translations.items()}
+                unused = set(codes) - set(self.target_languages or codes)
+                if unused:
+                    raise ValueError(f"glossary term {term!r} has translations into {', '.join(sorted(unused))}, "
+                                     "which is not a target language. Fix: add it to task.target_languages")
+                self.glossary[term] = codes
+        return self
+
+    @property
+    def documents(self) -> bool:
+        """Whether rows are documents to segment, translate per segment and reassemble."""
+        return self.segment.enabled is True or (self.segment.enabled == "auto" and self.target_languages is not None)
+
+
+def _language_code(code: str) -> str:
+    try:
+        return to_code(code)
+    except UnknownLanguage as err:
+        raise ValueError(f"{err}. Fix: use a BCP 47 code such as de, fr, es or pt-BR") from None
 
 
 class Message(Spec):
@@ -213,8 +288,9 @@ def describe_validation_error(model: type[BaseModel], err: ValidationError, sour
         return UserError(where, f"unknown task type {first.get('input', {}).get('type')!r}" if kind ==
                          "union_tag_invalid" else "task.type is missing",
                          f"use one of: {', '.join(TASK_TYPES)}")
-    if kind == "value_error":
-        return UserError(where if loc else source, message.removeprefix("Value error, "), "see the README's job-file table")
+    if kind == "value_error":  # a validator's message may carry its own fix after ". Fix: "
+        problem, _, fix = message.removeprefix("Value error, ").partition(". Fix: ")
+        return UserError(where if loc else source, problem, fix or "see the README's job-file table")
     got = first.get("input")
     return UserError(where, f"{message} (got {got!r})", f"set {field} to a valid value")
 

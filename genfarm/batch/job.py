@@ -21,12 +21,20 @@ import pyarrow.parquet as pq
 
 from genfarm import models
 from genfarm.batch.progress import JobProgress
-from genfarm.batch.source import PromptSource, count_rows, infer_schema, list_inputs
+from genfarm.batch.source import (
+    PromptSource,
+    count_rows,
+    count_segment_rows,
+    infer_schema,
+    list_inputs,
+)
 from genfarm.batch.store import META, RUN_FILE, OutputStore
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
 from genfarm.spec import JobSpec
 from genfarm.tasks import make_task
+from genfarm.translation.documents import assemble_documents, document_counts
+from genfarm.translation.rows import DocumentSplitter, document_splitter
 
 
 def fingerprint_parts(job: JobSpec, model: models.ResolvedModel) -> dict:
@@ -95,6 +103,7 @@ class Plan:
     job_id: str
     run_id: str
     total: int
+    splitter: DocumentSplitter | None = None  # documents to segment (translation), else None
 
 
 def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
@@ -118,7 +127,12 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
     run_id = uuid.uuid4().hex
     # Workers of an earlier run that outlived their driver see a new run id and stop before committing.
     store.write_json(RUN_FILE, {"run_id": run_id, "started_at": _now()})
-    return Plan(job, fs, files, schema, model, store, job_id, run_id, count_rows(fs, files, job.input.limit))
+    if job.task.type == "translate" and job.task.documents:
+        splitter = document_splitter(job.task, job.engine, job.sampling, model.path)
+        total = count_segment_rows(fs, files, job.input, splitter)
+    else:
+        splitter, total = None, count_rows(fs, files, job.input.limit)
+    return Plan(job, fs, files, schema, model, store, job_id, run_id, total, splitter)
 
 
 def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job_file: str = "") -> dict:
@@ -135,6 +149,8 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
             generate_pass(plan, progress, batch_size=1, retries=0)
         if missing(plan):
             record_pass(plan, progress)
+    if plan.splitter is not None:
+        assemble_documents(job.output.path, plan.fs, plan.files, job.input, plan.splitter, plan.job_id)
     summary = summarize(plan.store, job, plan.job_id, plan.total, time.monotonic() - started, progress.tokens)
     plan.store.write_json("_summary.json", summary)
     return summary
@@ -161,7 +177,7 @@ def source(plan: Plan):
     import ray
 
     return ray.data.read_datasource(PromptSource(plan.fs, plan.files, plan.schema, plan.job.input,
-                                                 plan.job.output.path))
+                                                 plan.job.output.path, splitter=plan.splitter))
 
 
 def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: int) -> None:
@@ -223,6 +239,7 @@ def summarize(store: OutputStore, job: JobSpec, job_id: str, total: int, seconds
         for item in pc.value_counts(column).to_pylist():
             error_types[item["values"]] = error_types.get(item["values"], 0) + item["counts"]
     completed = counts.results // job.sampling.n
+    documents = document_counts(store)
     return {
         "job_id": job_id,
         "status": "complete" if completed + counts.errors >= total else "incomplete",
@@ -237,6 +254,7 @@ def summarize(store: OutputStore, job: JobSpec, job_id: str, total: int, seconds
         "run_completion_tokens": run_tokens,
         "run_tokens_per_second": round(run_tokens / seconds, 1) if seconds else 0.0,
         "output": store.uri,
+        **({"documents": documents} if documents else {}),
         "finished_at": _now(),
     }
 

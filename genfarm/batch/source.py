@@ -25,12 +25,14 @@ from ray.data.datasource import Datasource, ReadTask
 from genfarm.batch.store import OutputStore, open_fs, source_key
 from genfarm.errors import UserError
 from genfarm.spec import InputSpec
+from genfarm.translation.rows import SEGMENT_TYPE, DocumentSplitter
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
            ".csv": "csv"}
-META_COLUMNS = ["_gf_id", "_gf_source", "_gf_row", "_gf_error", "_gf_raw"]
+META_COLUMNS = ["_gf_id", "_gf_source", "_gf_row", "_gf_error", "_gf_raw", "_gf_segment"]
 META_SCHEMA = pa.schema([("_gf_id", pa.string()), ("_gf_source", pa.string()), ("_gf_row", pa.int64()),
-                         ("_gf_error", pa.string()), ("_gf_raw", pa.string())])
+                         ("_gf_error", pa.string()), ("_gf_raw", pa.string()),
+                         ("_gf_segment", SEGMENT_TYPE)])  # set on segment rows of documents (translation)
 SCHEMA_SAMPLE_ROWS = 1000
 
 
@@ -84,6 +86,9 @@ def read_rows(fs: pafs.FileSystem, file: InputFile) -> Iterator[tuple[dict | Non
         for batch in pq.ParquetFile(file.path, filesystem=fs).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 yield row, None, None
+    elif file.format == "text":
+        with fs.open_input_stream(file.path) as stream:
+            yield {"text": stream.read().decode("utf-8", errors="replace")}, None, None
     elif file.format == "csv":
         yield from _read_csv(fs, file)
     else:
@@ -143,6 +148,8 @@ def infer_schema(fs: pafs.FileSystem, file: InputFile) -> pa.Schema:
     """The data columns every block will carry, taken from the first file."""
     if file.format == "parquet":
         return pq.read_schema(file.path, filesystem=fs)
+    if file.format == "text":
+        return pa.schema([("text", pa.string())])
     sample = []
     for row, _, _ in read_rows(fs, file):
         if row is not None:
@@ -173,6 +180,8 @@ def count_rows(fs: pafs.FileSystem, files: list[InputFile], limit: int | None) -
     for file in files:
         if file.format == "parquet":
             n = pq.ParquetFile(file.path, filesystem=fs).metadata.num_rows
+        elif file.format == "text":
+            n = 1
         else:
             n = sum(1 for line in _lines(fs.open_input_stream(file.path)) if line.strip())
             n -= 1 if file.format == "csv" else 0  # the header
@@ -180,12 +189,19 @@ def count_rows(fs: pafs.FileSystem, files: list[InputFile], limit: int | None) -
     return total
 
 
+def count_segment_rows(fs: pafs.FileSystem, files: list[InputFile], spec: InputSpec,
+                       splitter: DocumentSplitter) -> int:
+    """Rows a document job will commit: segment rows per document and target language, one per bad row.
+    Streams and segments every document once (tokenizing is cheap beside translating)."""
+    return sum(1 for file in files for _ in source_rows(fs, file, spec, splitter))
+
+
 class PromptSource(Datasource):
     def __init__(self, fs, files: list[InputFile], schema: pa.Schema, spec: InputSpec, output: str,
-                 block_rows: int = 256):
+                 block_rows: int = 256, splitter: DocumentSplitter | None = None):
         super().__init__()
         self.fs, self.files, self.schema, self.spec = fs, files, schema, spec
-        self.output, self.block_rows = output, block_rows
+        self.output, self.block_rows, self.splitter = output, block_rows, splitter
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(f.size for f in self.files)
@@ -193,7 +209,8 @@ class PromptSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         return [
             ReadTask(
-                partial(read_blocks, self.fs, file, self.schema, self.spec, self.output, self.block_rows),
+                partial(read_blocks, self.fs, file, self.schema, self.spec, self.output, self.block_rows,
+                        self.splitter),
                 BlockMetadata(num_rows=None, size_bytes=file.size, input_files=[file.path], exec_stats=None),
                 schema=pa.unify_schemas([META_SCHEMA, self.schema]),
             )
@@ -201,14 +218,28 @@ class PromptSource(Datasource):
         ]
 
 
-def read_blocks(fs, file: InputFile, schema: pa.Schema, spec: InputSpec, output: str, block_rows: int):
+def read_blocks(fs, file: InputFile, schema: pa.Schema, spec: InputSpec, output: str, block_rows: int,
+                splitter: DocumentSplitter | None = None):
     done = OutputStore(output).done_ids(file.key)
-    seen: set[str] = set()
     pending: list[dict] = []
+    for row in source_rows(fs, file, spec, splitter):
+        if row["_gf_id"] in done:
+            continue
+        pending.append(row)
+        if len(pending) >= block_rows:
+            yield to_block(pending, schema)
+            pending = []
+    if pending:
+        yield to_block(pending, schema)
+
+
+def source_rows(fs, file: InputFile, spec: InputSpec, splitter: DocumentSplitter | None = None) -> Iterator[dict]:
+    """Every row of a file in order, with its id and meta columns; with a splitter, documents become segment rows."""
+    seen: set[str] = set()
     for number, (row, error, raw) in enumerate(read_rows(fs, file)):
         if spec.limit and number >= spec.limit:
             break
-        row_id = f"{file.name}:{number}"
+        row_id = file.name if file.format == "text" else f"{file.name}:{number}"
         if row is not None and spec.id_column:
             if row.get(spec.id_column) is None:
                 error, raw, row = f"missing_field: id column {spec.id_column!r} is missing or null", _dump(row), None
@@ -217,15 +248,12 @@ def read_blocks(fs, file: InputFile, schema: pa.Schema, spec: InputSpec, output:
                 if row_id in seen:
                     error, raw, row = f"duplicate_id: id {row_id!r} appears twice in {file.name}", _dump(row), None
                 seen.add(row_id)
-        if row_id in done:
-            continue
-        meta = {"_gf_id": row_id, "_gf_source": file.name, "_gf_row": number, "_gf_error": error, "_gf_raw": raw}
-        pending.append({**(row or {}), **meta})
-        if len(pending) >= block_rows:
-            yield to_block(pending, schema)
-            pending = []
-    if pending:
-        yield to_block(pending, schema)
+        meta = {"_gf_id": row_id, "_gf_source": file.name, "_gf_row": number, "_gf_error": error, "_gf_raw": raw,
+                "_gf_segment": None}
+        if splitter is None:
+            yield {**(row or {}), **meta}
+        else:
+            yield from splitter.expand({**(row or {}), **meta})
 
 
 def to_block(rows: list[dict], schema: pa.Schema) -> pa.Table:

@@ -43,13 +43,16 @@ PROVENANCE_FIELDS = [
 ]
 
 
-def output_schema(input_schema: pa.Schema, extra_columns: tuple[str, ...]) -> tuple[pa.Schema, dict[str, str]]:
-    """Result columns, and how input columns are renamed where they collide with genfarm's own."""
+def output_schema(input_schema: pa.Schema, extra_columns: tuple[str, ...],
+                  extra_types: dict[str, pa.DataType] | None = None) -> tuple[pa.Schema, dict[str, str]]:
+    """Result columns, and how input columns are renamed where they collide with genfarm's own. Task columns are
+    text unless the task gives their type in `extra_types`."""
     own = {"id", *extra_columns, *(n for n, _ in GENERATED_FIELDS), *(n for n, _ in PROVENANCE_FIELDS)}
     rename = {f.name: (f"input_{f.name}" if f.name in own else f.name) for f in input_schema}
     fields = [pa.field("id", pa.string())]
     fields += [pa.field(rename[f.name], f.type) for f in input_schema]
-    fields += [pa.field(n, t) for n, t in GENERATED_FIELDS] + [pa.field(n, pa.string()) for n in extra_columns]
+    fields += [pa.field(n, t) for n, t in GENERATED_FIELDS]
+    fields += [pa.field(n, (extra_types or {}).get(n, pa.string())) for n in extra_columns]
     fields += [pa.field(n, t) for n, t in PROVENANCE_FIELDS]
     return pa.schema(fields), rename
 
@@ -73,7 +76,8 @@ class GenerateWorker:
         self.job, self.model, self.job_id, self.run_id = job, model, job_id, run_id
         self.task = make_task(job.task)
         self.store = OutputStore(job.output.path)
-        self.schema, self.rename = output_schema(input_schema, self.task.extra_columns)
+        self.schema, self.rename = output_schema(input_schema, self.task.extra_columns,
+                                                 getattr(self.task, "column_types", None))
         context = ray.get_runtime_context()
         self.node_id, self.worker_id = context.get_node_id(), context.get_actor_id() or "driver"
         self.engine = Engine(model, job.engine, gpu)
