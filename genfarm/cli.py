@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from genfarm.errors import UserError
+from genfarm.serve.cli import serve_app
 
 app = typer.Typer(
     help="Generate content at scale with vLLM on Ray: batch jobs from job files, models, and results.",
@@ -27,6 +28,7 @@ app.add_typer(jobs_app, name="jobs")
 cluster_app = typer.Typer(help="See a running Ray cluster: nodes, engines, Serve replicas, jobs.",
                           no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(serve_app, name="serve")
 ADDRESS_HELP = "The cluster's dashboard address (default: $GENFARM_CLUSTER or http://127.0.0.1:8265)."
 out = Console(soft_wrap=True)  # long paths stay on one line for grep and copy-paste
 err = Console(stderr=True, soft_wrap=True)

@@ -21,7 +21,18 @@ def address_or_default(address: str | None) -> str:
     return address or os.environ.get("GENFARM_CLUSTER") or DEFAULT_ADDRESS
 
 
+def send_saved_token() -> None:
+    """Ray clusters check a token (saved in ~/.ray/auth_token by `ray start` and `ray.init`), but clients send it
+    only with RAY_AUTH_MODE=token: send it whenever this machine has one, as the `ray` CLI does."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    saved = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if os.environ.get("RAY_AUTH_TOKEN") or saved.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def job_client(address: str):
+    send_saved_token()  # before Ray is imported: its token loader reads the mode once
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -100,6 +111,7 @@ def stop_job(address: str, job_id: str) -> bool:
 
 def cluster_status(address: str) -> dict:
     """Nodes with their resources, the genfarm engine actors and Serve replicas on each, and the jobs."""
+    send_saved_token()
     from ray.util.state import list_actors, list_nodes
 
     try:
@@ -110,7 +122,7 @@ def cluster_status(address: str) -> dict:
     by_node: dict[str, list[str]] = {}
     for actor in actors:
         name = actor.class_name or ""
-        if "GenerateWorker" in name or "ServeReplica" in name:
+        if "GenerateWorker" in name or ("ServeReplica" in name and "MetricsHub" not in name):
             kind = "engine" if "GenerateWorker" in name else "serve-replica"
             by_node.setdefault(actor.node_id, []).append(kind)
     return {

@@ -60,15 +60,17 @@ def is_hub_model(model: ResolvedModel) -> bool:
     return model.path == model.name and not os.path.isdir(model.path)
 
 
-def prepare_process_env(model: ResolvedModel, spec: EngineSpec, gpu: bool) -> None:
-    """Settings that must be in place before vLLM is imported in this process."""
+def prepare_process_env(model: ResolvedModel, spec: EngineSpec, gpu: bool, in_process: bool = True) -> None:
+    """Settings that must be in place before vLLM is imported in this process. The online engine (AsyncLLM)
+    always runs its core in a separate process (`in_process=False`)."""
     if not is_hub_model(model):
         os.environ["HF_HUB_OFFLINE"] = "1"  # only a hub model the user named may reach a hub
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not gpu:
+    if not gpu and in_process:
         # In-process engine on CPU: ~2 s start instead of 12-15 s, and nothing leaks into /dev/shm if Ray kills us.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not gpu:
         # Ray sets OMP_NUM_THREADS to the actor's reserved CPUs (1), which would leave a CPU engine one core.
         os.environ["OMP_NUM_THREADS"] = str(spec.cpu_threads or os.cpu_count() or 1)
 
@@ -76,7 +78,7 @@ def prepare_process_env(model: ResolvedModel, spec: EngineSpec, gpu: bool) -> No
 @dataclass
 class Completion:
     text: str
-    finish_reason: str
+    finish_reason: str | None  # None while a streamed completion goes on
     completion_tokens: int
     index: int = 0
 
@@ -91,23 +93,11 @@ class PromptTooLong(ValueError):
     pass
 
 
-class Engine:
-    """A vLLM engine in this process, fed token ids so that every prompt is checked before it reaches vLLM."""
+class PromptEncoder:
+    """Chat rendering and length checks shared by the batch and online engines (both need `tokenizer`, `spec`)."""
 
-    def __init__(self, model: ResolvedModel, spec: EngineSpec, gpu: bool = False):
-        prepare_process_env(model, spec, gpu)
-        self.model, self.spec = model, spec
-        self._request_ids = itertools.count()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._init_error: BaseException | None = None
-        ready = threading.Event()
-        self._loop = threading.Thread(target=self._run, args=(engine_args(model, spec, gpu), ready),
-                                      name="genfarm-engine-loop", daemon=True)
-        self._loop.start()
-        ready.wait()
-        if self._init_error is not None:
-            raise self._init_error
-        self.tokenizer = self.llm.get_tokenizer()
+    tokenizer: Any
+    spec: EngineSpec
 
     def render(self, messages: list[dict] | None, text: str | None) -> str:
         """The exact prompt text: chat messages through the model's chat template, or a raw prompt as is."""
@@ -127,6 +117,25 @@ class Engine:
                 )
             ids = ids[-limit:]
         return ids
+
+
+class Engine(PromptEncoder):
+    """A vLLM engine in this process, fed token ids so that every prompt is checked before it reaches vLLM."""
+
+    def __init__(self, model: ResolvedModel, spec: EngineSpec, gpu: bool = False):
+        prepare_process_env(model, spec, gpu)
+        self.model, self.spec = model, spec
+        self._request_ids = itertools.count()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._init_error: BaseException | None = None
+        ready = threading.Event()
+        self._loop = threading.Thread(target=self._run, args=(engine_args(model, spec, gpu), ready),
+                                      name="genfarm-engine-loop", daemon=True)
+        self._loop.start()
+        ready.wait()
+        if self._init_error is not None:
+            raise self._init_error
+        self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: list[list[int]], sampling: list[SamplingSpec], seeds: list[int | None]) -> list:
         """One Generation per prompt, or the exception that prompt alone raised (a rejected prompt, a timeout).
@@ -243,3 +252,43 @@ def to_generation(output) -> Generation:
             Completion(c.text, c.finish_reason or "unknown", len(c.token_ids), c.index) for c in output.outputs
         ],
     )
+
+
+class AsyncEngine(PromptEncoder):
+    """vLLM's async engine (AsyncLLM) for the online service: the same engine settings as batch workers, with
+    outputs streamed as they are generated. Cancelling a stream aborts its request and frees the engine slot."""
+
+    def __init__(self, model: ResolvedModel, spec: EngineSpec, gpu: bool = False):
+        prepare_process_env(model, spec, gpu, in_process=False)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model, self.spec = model, spec
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(model, spec, gpu)))
+        self.tokenizer = self.llm.get_tokenizer()
+        self._request_ids = itertools.count()
+
+    def params(self, sampling: SamplingSpec, seed: int | None):
+        """vLLM's sampling parameters for streaming; a ValueError names what vLLM refuses (e.g. n > 1 when greedy)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = to_sampling_params(SamplingParams, sampling, seed)
+        params.output_kind = RequestOutputKind.DELTA
+        return params
+
+    async def stream(self, ids: list[int], params, request_id: str):
+        """Yields lists of Completion deltas as tokens arrive; a completion's last delta carries its finish_reason."""
+        from vllm.inputs import TokensPrompt
+
+        request_id = f"{request_id}-{next(self._request_ids)}"  # unique even if a client reuses an id
+        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
+            yield [
+                Completion(c.text, c.finish_reason, len(c.token_ids), c.index) for c in output.outputs
+            ]
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -178,24 +178,23 @@ class SamplingSpec(Spec):
     stop: list[str] = Field(default_factory=list)
 
 
-class WorkersSpec(Spec):
-    count: int | None = Field(None, ge=1, description="Fixed number of engine actors (default 1).")
-    min: int | None = Field(None, ge=1, description="With max: an autoscaling range of engine actors.")
+class ScaleRange(Spec):
+    """A fixed count, or a min/max range to autoscale within (engine actors of a job, replicas of a service)."""
+
+    section: ClassVar[str] = "scale"  # the name errors use
+    count: int | None = Field(None, ge=1, description="Fixed number (default 1).")
+    min: int | None = Field(None, ge=1, description="With max: an autoscaling range.")
     max: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=1, description="Rows handed to an engine at once.")
-    max_retries: int = Field(2, ge=0, description="Tries again for a batch whose engine actor died.")
-    batches_in_flight: int = Field(
-        3, ge=1, description="Batches an engine works on at once, so it never idles while one batch finishes."
-    )
 
     @model_validator(mode="after")
-    def _count_or_range(self) -> WorkersSpec:
+    def _count_or_range(self) -> ScaleRange:
+        section = type(self).section
         if self.count is not None and (self.min is not None or self.max is not None):
-            raise ValueError("give workers.count or workers.min/max, not both")
+            raise ValueError(f"give {section}.count or {section}.min/max, not both")
         if (self.min is None) != (self.max is None):
-            raise ValueError("workers.min and workers.max go together")
+            raise ValueError(f"{section}.min and {section}.max go together")
         if self.min is not None and self.min > self.max:
-            raise ValueError(f"workers.min ({self.min}) is larger than workers.max ({self.max})")
+            raise ValueError(f"{section}.min ({self.min}) is larger than {section}.max ({self.max})")
         return self
 
     @property
@@ -203,6 +202,15 @@ class WorkersSpec(Spec):
         if self.min is not None:
             return self.min, self.max
         return self.count or 1, self.count or 1
+
+
+class WorkersSpec(ScaleRange):
+    section: ClassVar[str] = "workers"
+    batch_size: int = Field(64, ge=1, description="Rows handed to an engine at once.")
+    max_retries: int = Field(2, ge=0, description="Tries again for a batch whose engine actor died.")
+    batches_in_flight: int = Field(
+        3, ge=1, description="Batches an engine works on at once, so it never idles while one batch finishes."
+    )
 
 
 class OutputSpec(Spec):
@@ -247,9 +255,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     """Read and validate a job file; every problem is a one-line UserError naming the field."""
+    return load_spec(JobSpec, path, overrides, "job file", example="jobs/articles.yaml")
+
+
+def load_spec(model: type[Spec], path: str | Path, overrides: list[str], what: str, example: str) -> Any:
+    """Read a YAML file into `model`, with --set overrides applied first."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(str(path), "job file not found", "check the path, e.g. jobs/articles.yaml")
+        raise UserError(str(path), f"{what} not found", f"check the path, e.g. {example}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -257,8 +270,8 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(where, f"not valid YAML ({getattr(err, 'problem', err)})", "fix the YAML syntax") from None
     if not isinstance(data, dict):
-        raise UserError(str(path), "a job file is a YAML mapping", "see jobs/articles.yaml for the layout")
-    return validate(JobSpec, apply_overrides(data, list(overrides)), source=str(path))
+        raise UserError(str(path), f"a {what} is a YAML mapping", f"see {example} for the layout")
+    return validate(model, apply_overrides(data, list(overrides)), source=str(path))
 
 
 def validate(model: type[BaseModel], data: Any, source: str) -> Any:

@@ -1,0 +1,331 @@
+"""The Ray Serve application: each GenfarmServer replica is the HTTP ingress and holds its own vLLM async engine.
+
+Ingress and engine share a replica on purpose: a request crosses the Serve proxy once and then goes straight into the
+engine, with no second hop through a deployment handle per request and per streamed chunk (the added latency Ray Serve
+LLM is known for). Serve's proxy spreads requests over replicas; scaling replicas scales engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from contextlib import aclosing
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from ray import serve
+
+from genfarm import __version__
+from genfarm.engine import AsyncEngine, PromptTooLong, use_gpu
+from genfarm.serve import protocol as api
+from genfarm.serve.config import ServeSpec, api_keys
+from genfarm.serve.limits import Limiter, Overloaded
+from genfarm.serve.metrics import MetricsHub, ReplicaMetrics
+from genfarm.serve.responses import APIError, Call, ChatChunks, TextChunks, sse, usage
+from genfarm.spec import SamplingSpec
+from genfarm.tasks import make_task
+from genfarm.tasks.base import Prompt, RowError
+
+PUSH_INTERVAL_S = 1.0  # how often a replica sends its counters to the MetricsHub
+OPEN_PATHS = {"/health", "/metrics", "/docs", "/openapi.json", "/redoc"}
+
+app = FastAPI(
+    title="genfarm",
+    version=__version__,
+    description="OpenAI-compatible text generation plus genfarm's article and translation tasks, on vLLM. "
+    "Send `Authorization: Bearer KEY` when the service has API keys.",
+)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
+    return err.response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 becomes OpenAI's 400, naming the parameter."""
+    first = err.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+    if first.get("type") == "extra_forbidden":
+        message = f"unsupported parameter {param!r}; remove it (see /docs for the parameters genfarm accepts)"
+    else:
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return APIError(400, message, param=param, code="invalid_parameter").response()
+
+
+ERRORS_DOC = {code: {"model": api.ErrorBody} for code in (400, 401, 429, 503, 504)}
+STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: server-sent events."}
+
+
+@serve.deployment(name="GenfarmServer")
+@serve.ingress(app)
+class GenfarmServer:
+    def __init__(self, config: dict, hub):
+        import ray
+
+        self.spec = spec = ServeSpec.model_validate(config)
+        from genfarm import models
+
+        gpu = use_gpu(spec.engine, len(ray.get_gpu_ids()))
+        self.engine = AsyncEngine(models.resolve(spec.model.name, spec.model.revision), spec.engine, gpu)
+        self.limiter = Limiter(spec.limits.concurrency(spec.engine), spec.limits.max_queued)
+        self.metrics = ReplicaMetrics(lambda: self.limiter.running, lambda: self.limiter.waiting)
+        self.keys = api_keys(spec)
+        self.hub, self.replica = hub, serve.get_replica_context().replica_id.unique_id
+        self.tasks = {
+            "article": make_task(spec.tasks.article.model_copy(update={"columns": {}})),
+            "translate": make_task(spec.tasks.translate.model_copy(update={"columns": {}})),
+        }
+        self._pusher: asyncio.Task | None = None
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose engine died is replaced."""
+        await self.engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()  # stop the engine-core process with the replica
+
+    # ---- routes -------------------------------------------------------------------------------------------------
+
+    @app.get("/health", summary="200 when the engine answers, else 503")
+    async def health(self):
+        try:
+            await self.engine.check_health()
+        except Exception as err:  # noqa: BLE001 - any engine failure means unhealthy
+            return APIError(503, f"engine unhealthy: {err}", kind="service_unavailable").response()
+        return {"status": "ok", "model": self.spec.model.name}
+
+    @app.get("/metrics", summary="Prometheus metrics summed over every replica", response_class=PlainTextResponse)
+    async def metrics_page(self):
+        await self.hub.push.remote(self.replica, self.metrics.snapshot())
+        return PlainTextResponse(await self.hub.render.remote(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=api.ModelList, responses=ERRORS_DOC)
+    async def list_models(self, request: Request):
+        self.authorize(request)
+        card = api.ModelCard(id=self.spec.model.name, created=int(time.time()),
+                             max_model_len=self.spec.engine.max_model_len)
+        return api.ModelList(data=[card])
+
+    @app.post("/v1/chat/completions", responses={200: {"model": api.ChatResponse, **STREAM_DOC}, **ERRORS_DOC})
+    async def chat_completions(self, body: api.ChatRequest, request: Request):
+        call = self.start("chat", request, body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        sampling = self.sampling(body, max_tokens)
+        ids = self.encode(call, Prompt(messages=messages), sampling)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return await self.stream(call, ids, sampling, body.seed, ChatChunks(rid, self.spec.model.name),
+                                     include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        texts, reasons, tokens = await self.complete(call, ids, sampling, body.seed)
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.spec.model.name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                             "logprobs": None} for i, (text, reason) in enumerate(zip(texts, reasons))],
+                "usage": usage(len(ids), tokens)}
+
+    @app.post("/v1/completions", responses={200: {"model": api.CompletionResponse, **STREAM_DOC}, **ERRORS_DOC})
+    async def completions(self, body: api.CompletionRequest, request: Request):
+        call = self.start("completions", request, body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise call.error(APIError(400, f"prompt holds {len(prompts)} prompts; send one prompt per request",
+                                      param="prompt", code="invalid_parameter"))
+        sampling = self.sampling(body, body.max_tokens)
+        ids = self.encode(call, Prompt(text=prompts[0]), sampling)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        echo = prompts[0] if body.echo else ""
+        if body.stream:
+            return await self.stream(call, ids, sampling, body.seed, TextChunks(rid, self.spec.model.name, echo),
+                                     include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        texts, reasons, tokens = await self.complete(call, ids, sampling, body.seed)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.spec.model.name,
+                "choices": [{"index": i, "text": echo + text, "finish_reason": reason, "logprobs": None}
+                            for i, (text, reason) in enumerate(zip(texts, reasons))],
+                "usage": usage(len(ids), tokens)}
+
+    @app.post("/v1/articles", response_model=api.ArticleResponse, responses=ERRORS_DOC,
+              summary="Write an article about a topic (the batch `article` task)")
+    async def articles(self, body: api.ArticleRequest, request: Request) -> api.ArticleResponse:
+        call = self.start("articles", request, body.model)
+        row = body.model_dump(include={"topic", "audience", "length", "style", "language"}, exclude_none=True)
+        text, reason, prompt_tokens, tokens = await self.run_task(call, "article", row, body)
+        return api.ArticleResponse(id=f"article-{uuid.uuid4().hex}", model=self.spec.model.name, topic=body.topic,
+                                   text=text, finish_reason=reason, usage=usage(prompt_tokens, tokens),
+                                   **self.tasks["article"].columns(row, text))
+
+    @app.post("/v1/translations", response_model=api.TranslationResponse, responses=ERRORS_DOC,
+              summary="Translate a text (the batch `translate` task)")
+    async def translations(self, body: api.TranslationRequest, request: Request) -> api.TranslationResponse:
+        call = self.start("translations", request, body.model)
+        row = body.model_dump(include={"text", "source_language", "target_language"}, exclude_none=True)
+        task = self.tasks["translate"]
+        text, reason, prompt_tokens, tokens = await self.run_task(call, "translate", row, body)
+        source, target = task.languages(row)
+        return api.TranslationResponse(id=f"translation-{uuid.uuid4().hex}", model=self.spec.model.name,
+                                       source_language=source, target_language=target, text=text, segments=1,
+                                       finish_reason=reason, usage=usage(prompt_tokens, tokens))
+
+    # ---- request handling ---------------------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        if not self.keys:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in self.keys):
+            raise APIError(401, "missing or invalid API key; send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    def start(self, route: str, request: Request, model: str | None) -> Call:
+        if self._pusher is None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
+        call = Call(route, self.metrics)
+        try:
+            self.authorize(request)
+        except APIError as err:
+            raise call.error(err) from None
+        if model is not None and model != self.spec.model.name:
+            raise call.error(APIError(400, f"model {model!r} is not served here; use {self.spec.model.name!r} "
+                                      "(GET /v1/models)", param="model", code="model_not_found"))
+        return call
+
+    def sampling(self, body: api.SamplingParams, max_tokens: int | None) -> SamplingSpec:
+        default = self.spec.sampling
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        return default.model_copy(update={
+            "temperature": default.temperature if body.temperature is None else body.temperature,
+            "top_p": body.top_p or default.top_p,
+            "max_tokens": max_tokens or default.max_tokens,
+            "n": body.n,
+            "stop": default.stop if stop is None else stop,
+        })
+
+    def params(self, call: Call, sampling: SamplingSpec, seed: int | None):
+        try:
+            return self.engine.params(sampling, seed)
+        except ValueError as err:  # vLLM refuses this combination of parameters
+            raise call.error(APIError(400, str(err), code="invalid_parameter")) from None
+
+    def encode(self, call: Call, prompt: Prompt, sampling: SamplingSpec) -> list[int]:
+        try:
+            return self.engine.encode(self.engine.render(prompt.messages, prompt.text), sampling.max_tokens)
+        except PromptTooLong as err:
+            raise call.error(APIError(400, str(err), param="messages" if prompt.messages else "prompt",
+                                      code="context_length_exceeded")) from None
+
+    async def run_task(self, call: Call, name: str, row: dict, body: api.SamplingParams):
+        if body.n != 1:
+            raise call.error(APIError(400, "task endpoints write one text; leave n out", param="n",
+                                      code="invalid_parameter"))
+        try:
+            prompt = self.tasks[name].prompt(row)
+        except RowError as err:
+            raise call.error(APIError(400, err.message, code=err.kind)) from None
+        sampling = self.sampling(body, body.max_tokens)
+        ids = self.encode(call, prompt, sampling)
+        texts, reasons, tokens = await self.complete(call, ids, sampling, body.seed)
+        return texts[0], reasons[0], len(ids), tokens
+
+    async def admit(self, call: Call) -> None:
+        """Take a generation slot, or answer 429 at once when the replica's queue is full."""
+        try:
+            async with asyncio.timeout(call.remaining(self.spec.limits.request_timeout_s)):
+                await self.limiter.acquire()
+        except Overloaded as err:
+            raise call.error(APIError(429, f"server busy ({err}); retry shortly", kind="rate_limit_error",
+                                      code="overloaded", retry_after=1)) from None
+        except TimeoutError:
+            raise call.error(APIError(504, "no generation slot freed up in time (limits.request_timeout_s)",
+                                      kind="timeout", code="timeout")) from None
+
+    async def deltas(self, call: Call, ids: list[int], params):
+        """The engine's output for one held slot, within the request's time limit; frees the slot at the end."""
+        try:
+            async with asyncio.timeout(call.remaining(self.spec.limits.request_timeout_s)):
+                async with aclosing(self.engine.stream(ids, params, call.route)) as outputs:
+                    async for completions in outputs:
+                        call.generated(completions)
+                        yield completions
+        except TimeoutError:
+            raise APIError(504, f"generation took longer than {self.spec.limits.request_timeout_s:g}s "
+                           "(limits.request_timeout_s); ask for fewer max_tokens", kind="timeout",
+                           code="timeout") from None
+        finally:
+            self.limiter.release()
+
+    async def complete(self, call: Call, ids: list[int], sampling: SamplingSpec, seed: int | None):
+        params = self.params(call, sampling, seed)
+        await self.admit(call)
+        texts, reasons = [""] * sampling.n, [None] * sampling.n
+        try:
+            async for completions in self.deltas(call, ids, params):
+                for c in completions:
+                    texts[c.index] += c.text
+                    reasons[c.index] = c.finish_reason or reasons[c.index]
+        except APIError as err:
+            raise call.error(err) from None
+        except asyncio.CancelledError:
+            call.disconnected()
+            raise
+        except Exception as err:  # noqa: BLE001 - the engine failed this request
+            raise call.error(APIError(503, f"the engine failed: {err}", kind="service_unavailable",
+                                      code="engine_error", retry_after=5)) from None
+        call.finish(200, prompt_tokens=len(ids))
+        return texts, reasons, call.tokens
+
+    async def stream(self, call: Call, ids: list[int], sampling: SamplingSpec, seed: int | None, chunks,
+                     include_usage: bool) -> StreamingResponse:
+        params = self.params(call, sampling, seed)
+        await self.admit(call)  # before the headers, so a full server answers 429 rather than an event
+
+        async def events():
+            try:
+                async for completions in self.deltas(call, ids, params):
+                    yield sse(chunks.chunk(completions))
+                if include_usage:
+                    yield sse(chunks.usage(usage(len(ids), call.tokens)))
+                call.finish(200, prompt_tokens=len(ids))
+            except APIError as err:
+                call.error(err)
+                yield sse(err.body())
+            except (asyncio.CancelledError, GeneratorExit):
+                call.disconnected()
+                raise
+            except Exception as err:  # noqa: BLE001 - the engine failed mid-stream: tell the client, then end
+                failure = call.error(APIError(503, f"the engine failed: {err}", kind="service_unavailable",
+                                              code="engine_error"))
+                yield sse(failure.body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _push_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            try:
+                await self.hub.push.remote(self.replica, self.metrics.snapshot())
+            except Exception:  # noqa: BLE001, S110 - the hub restarts with Serve; the next push catches up
+                pass
+
+
+def build_app(spec: ServeSpec):
+    """The bound Serve application: the engine replicas plus one MetricsHub."""
+    from genfarm.serve.deploy import server_options
+
+    hub = serve.deployment(MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind()
+    return GenfarmServer.options(**server_options(spec)).bind(spec.model_dump(mode="json"), hub)
+
+
+def build(args: dict):
+    """Entry point of Serve configs (import_path: genfarm.serve.app:build): `args` is a serve config mapping."""
+    return build_app(ServeSpec.model_validate(args or {}))

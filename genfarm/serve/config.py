@@ -1,0 +1,103 @@
+"""The serve config: which model and engine settings, how many replicas, limits and API keys.
+
+The model, engine and sampling sections are the same specs batch job files use, so a service and a job that name
+the same settings run the same engine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from genfarm.spec import (
+    ArticleTask,
+    EngineSpec,
+    ModelSpec,
+    SamplingSpec,
+    ScaleRange,
+    Spec,
+    TranslateTask,
+    apply_overrides,
+    load_spec,
+    validate,
+)
+
+API_KEYS_ENV = "GENFARM_API_KEYS"
+
+
+class ReplicasSpec(ScaleRange):
+    section: ClassVar[str] = "replicas"
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Autoscaling aims at this many requests per replica (with min/max)."
+    )
+
+
+class LimitsSpec(Spec):
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Requests a replica generates at once; default: engine.max_num_seqs."
+    )
+    max_queued: int = Field(64, ge=0, description="Requests a replica keeps waiting beyond that; more get 429.")
+    request_timeout_s: float = Field(300, gt=0, description="A request (queueing + generation) ends after this.")
+
+    def concurrency(self, engine: EngineSpec) -> int:
+        return self.max_concurrent or engine.max_num_seqs
+
+
+class HttpSpec(Spec):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0 for every interface).")
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class TasksSpec(Spec):
+    """Defaults of the task endpoints (/v1/articles, /v1/translations); requests may override the fields."""
+
+    article: ArticleTask = ArticleTask(type="article")
+    translate: TranslateTask = TranslateTask(type="translate")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _types_implied(cls, data):
+        """Here the section names the task, so `type:` may be left out."""
+        if isinstance(data, dict):
+            data = {name: {"type": name, **value} if isinstance(value, dict) else value for name, value in
+                    data.items()}
+        return data
+
+
+class ServeSpec(Spec):
+    name: str = Field("genfarm", description="Ray Serve application name.")
+    model: ModelSpec = ModelSpec()
+    engine: EngineSpec = EngineSpec()
+    sampling: SamplingSpec = Field(
+        SamplingSpec(max_tokens=256, seed=None),
+        description="Defaults for requests that leave a parameter out.",
+    )
+    replicas: ReplicasSpec = ReplicasSpec()
+    limits: LimitsSpec = LimitsSpec()
+    http: HttpSpec = HttpSpec()
+    api_keys: list[str] = Field(
+        default_factory=list, description=f"Accepted API keys (also ${API_KEYS_ENV}, comma-separated); none: open."
+    )
+    tasks: TasksSpec = TasksSpec()
+
+    @model_validator(mode="after")
+    def _no_empty_keys(self) -> ServeSpec:
+        if any(not key.strip() for key in self.api_keys):
+            raise ValueError("api_keys has an empty key")
+        return self
+
+
+def load_serve_config(path: str | Path | None, overrides: list[str] = ()) -> ServeSpec:
+    """The serve config from a YAML file (or the defaults), with --set overrides."""
+    if path is None:
+        return validate(ServeSpec, apply_overrides({}, list(overrides)), source="--set")
+    return load_spec(ServeSpec, path, overrides, "serve config", example="examples/serve.yaml")
+
+
+def api_keys(spec: ServeSpec) -> frozenset[str]:
+    """Keys from the config plus $GENFARM_API_KEYS; an empty set means no authentication."""
+    from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
+    return frozenset(spec.api_keys) | frozenset(from_env)

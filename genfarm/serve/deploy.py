@@ -1,0 +1,205 @@
+"""Deploying and operating the service through Ray Serve's REST API on the cluster's dashboard.
+
+The application is deployed declaratively (import path + args), the same config a KubeRay RayService carries, so
+`genfarm serve scale` only changes the deployment's replica settings: Serve adds or removes replicas without
+restarting the ones that run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import contextmanager
+
+from genfarm.engine import worker_resources
+from genfarm.errors import UserError
+from genfarm.serve.config import API_KEYS_ENV, ReplicasSpec, ServeSpec
+
+IMPORT_PATH = "genfarm.serve.app:build"
+SERVER = "GenfarmServer"
+HEADROOM = 8  # requests beyond the limiter's capacity Serve still passes on: health checks and /metrics
+DEPLOY_TIMEOUT_S = 600
+
+
+def server_options(spec: ServeSpec) -> dict:
+    """Ray Serve options of the engine replicas, except their number (that lives in the config, see replica_options)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    resources = worker_resources(spec.engine, gpus)
+    capacity = spec.limits.concurrency(spec.engine) + spec.limits.max_queued
+    return {
+        "ray_actor_options": {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"]},
+        # genfarm's limiter answers 429 past its capacity, so Serve must let that many through to it...
+        "max_ongoing_requests": capacity + HEADROOM,
+        # ...and Serve's own queue in front of a full replica is bounded too (past it Serve answers 503).
+        "max_queued_requests": max(capacity, 1),
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": spec.limits.request_timeout_s,
+    }
+
+
+def replica_options(replicas: ReplicasSpec) -> dict:
+    if replicas.min is None:
+        return {"num_replicas": replicas.bounds[0]}
+    return {"autoscaling_config": {"min_replicas": replicas.min, "max_replicas": replicas.max,
+                                   "target_ongoing_requests": replicas.target_ongoing_requests}}
+
+
+def app_config(spec: ServeSpec) -> dict:
+    """The Serve application config: replicas stay out of `args`, so changing them is a light update."""
+    config = {
+        "name": spec.name,
+        "route_prefix": "/",
+        "import_path": IMPORT_PATH,
+        "args": spec.model_dump(mode="json", exclude={"replicas"}),
+        "deployments": [{"name": SERVER, **replica_options(spec.replicas)}],
+    }
+    if os.environ.get(API_KEYS_ENV):  # keys from this shell reach the replicas, wherever they run
+        config["runtime_env"] = {"env_vars": {API_KEYS_ENV: os.environ[API_KEYS_ENV]}}
+    return config
+
+
+def serve_client(address: str):
+    from genfarm.cluster import send_saved_token, unreachable
+
+    send_saved_token()  # before Ray is imported: its token loader reads the mode once
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    try:
+        return ServeSubmissionClient(address)
+    except Exception as err:  # noqa: BLE001 - connection problems are the user's to fix
+        raise unreachable(address, err) from None
+
+
+def deploy(spec: ServeSpec, address: str) -> None:
+    """Add (or update) the application; other Serve applications on the cluster are kept."""
+    client = serve_client(address)
+    details = client.get_serve_details()
+    apps = [a for name, a in _deployed(details).items() if name != spec.name]
+    http = details.get("http_options") or {}
+    if http and (http.get("host"), http.get("port")) != (spec.http.host, spec.http.port) and apps:
+        raise UserError("--port", f"Serve on this cluster already listens on {http.get('host')}:{http.get('port')}",
+                        f"use --host {http.get('host')} --port {http.get('port')}")
+    client.deploy_applications({"http_options": {"host": spec.http.host, "port": spec.http.port},
+                                "applications": apps + [app_config(spec)]})
+
+
+def wait_until_running(address: str, name: str, on_change=None, timeout_s: float = DEPLOY_TIMEOUT_S) -> dict:
+    """Poll until the application runs; a failed deployment is a UserError carrying Serve's message."""
+    client = serve_client(address)
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        app = client.get_serve_details().get("applications", {}).get(name)
+        status = app and app.get("status")
+        if status != last and on_change is not None:
+            on_change(status)
+        last = status
+        if status == "RUNNING":
+            return app
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            message = (app.get("message") or "").strip().splitlines()
+            raise UserError(f"serve app {name!r}", f"{status}: {message[-1] if message else 'no message'}",
+                            "see the replica logs in the Ray dashboard (Serve tab) and fix the serve config")
+        time.sleep(1)
+    raise UserError(f"serve app {name!r}", f"not running after {timeout_s:g}s (last status {last})",
+                    "see the Ray dashboard's Serve tab; the cluster may lack the CPUs/GPUs a replica asks for")
+
+
+def status(address: str, name: str) -> dict:
+    """The application's state and each replica: its state, node and process."""
+    app = serve_client(address).get_serve_details().get("applications", {}).get(name)
+    if app is None:
+        raise UserError(f"serve app {name!r}", "is not deployed on this cluster",
+                        "start it with genfarm serve CONFIG --address ADDRESS, or pass --name")
+    server = app.get("deployments", {}).get(SERVER, {})
+    config = next((d for d in (app.get("deployed_app_config") or {}).get("deployments", []) if d["name"] == SERVER),
+                  {})
+    return {
+        "name": name,
+        "status": app.get("status"),
+        "message": app.get("message") or "",
+        "deployment_status": server.get("status"),
+        "target": {k: config[k] for k in ("num_replicas", "autoscaling_config") if k in config},
+        "replicas": [{"replica_id": r.get("replica_id"), "state": r.get("state"), "node_id": r.get("node_id"),
+                      "node_ip": r.get("node_ip"), "pid": r.get("pid")} for r in server.get("replicas", [])],
+    }
+
+
+def scale(address: str, name: str, replicas: ReplicasSpec) -> None:
+    """Change the replica count or autoscaling range of a running application in place."""
+    client = serve_client(address)
+    details = client.get_serve_details()
+    apps = _deployed(details)
+    if name not in apps:
+        raise UserError(f"serve app {name!r}", "is not deployed on this cluster", "check --name and --address")
+    config = apps[name]
+    others = [d for d in config.get("deployments", []) if d["name"] != SERVER]
+    config["deployments"] = others + [{"name": SERVER, **replica_options(replicas)}]
+    client.deploy_applications(_with_http(details, list(apps.values())))
+
+
+def shutdown(address: str, name: str) -> None:
+    """Remove the application (and Serve itself when nothing else runs on it)."""
+    client = serve_client(address)
+    details = client.get_serve_details()
+    apps = _deployed(details)
+    if name not in apps:
+        raise UserError(f"serve app {name!r}", "is not deployed on this cluster", "check --name and --address")
+    del apps[name]
+    if apps:
+        client.deploy_applications(_with_http(details, list(apps.values())))
+    else:
+        client.delete_applications()
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError("--port", f"{host}:{port} is not free ({err.strerror})",
+                            "stop what listens there or pick another port with --port") from None
+
+
+def _deployed(details: dict) -> dict[str, dict]:
+    """Config of every declaratively deployed application, by name."""
+    return {name: app["deployed_app_config"] for name, app in (details.get("applications") or {}).items()
+            if app.get("deployed_app_config")}
+
+
+def _with_http(details: dict, apps: list[dict]) -> dict:
+    http = details.get("http_options") or {}
+    return {"http_options": {k: http[k] for k in ("host", "port") if k in http}, "applications": apps}
+
+
+@contextmanager
+def local_cluster(spec: ServeSpec):
+    """A Ray instance in this process for the service; yields its dashboard address, stops everything on exit."""
+    import ray
+    from ray import serve
+
+    needed = spec.replicas.bounds[1] * spec.engine.cpus_per_worker + 1
+    context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+                       include_dashboard=True, dashboard_host="127.0.0.1", logging_level="warning")
+    address = f"http://{context.dashboard_url}"
+    try:
+        yield address
+    finally:
+        remove_and_wait(address, spec.name)  # replicas stop their engine processes while Ray still runs
+        serve.shutdown()
+        ray.shutdown()
+
+
+def remove_and_wait(address: str, name: str, timeout_s: float = 120) -> None:
+    """Delete the application and wait until its replicas have shut down (and with them their engines)."""
+    try:
+        shutdown(address, name)
+    except UserError:
+        return  # never deployed
+    client, deadline = serve_client(address), time.monotonic() + timeout_s
+    while name in (client.get_serve_details().get("applications") or {}) and time.monotonic() < deadline:
+        time.sleep(0.5)

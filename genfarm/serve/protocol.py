@@ -1,0 +1,167 @@
+"""Request and response bodies of the HTTP API: the OpenAI subset genfarm serves, and the task endpoints.
+
+Requests forbid unknown fields, so an unsupported OpenAI parameter is a 400 that names it rather than a setting that
+silently does nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class SamplingParams(Body):
+    """Parameters every generation endpoint takes; left out, they come from the serve config's `sampling`."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    user: str | None = Field(None, description="Accepted for compatibility; not used.")
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Body):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatRequest(SamplingParams):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(SamplingParams):
+    model: str
+    prompt: str | list[str] = Field(description="One prompt (a list holding one prompt is accepted too).")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+
+
+class ArticleRequest(SamplingParams):
+    topic: str = Field(min_length=1)
+    audience: str | None = None
+    length: str | None = None
+    style: str | None = None
+    language: str | None = None
+    model: str | None = None
+
+
+class TranslationRequest(SamplingParams):
+    text: str = Field(min_length=1)
+    source_language: str | None = Field(None, description="Default: the serve config's tasks.translate.")
+    target_language: str | None = None
+    model: str | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ArticleResponse(BaseModel):
+    id: str
+    object: Literal["article"] = "article"
+    model: str
+    topic: str
+    title: str = Field(description="The first line of the article when it is a title, else empty.")
+    text: str
+    finish_reason: str | None
+    usage: Usage
+
+
+class TranslationResponse(BaseModel):
+    id: str
+    object: Literal["translation"] = "translation"
+    model: str
+    source_language: str
+    target_language: str
+    text: str
+    segments: int = Field(description="Pieces the text was translated in (long texts are split to fit the model).")
+    finish_reason: str | None
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "genfarm"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
