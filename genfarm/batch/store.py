@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from genfarm.errors import UserError
 
 ERRORS, META = "_errors", "_genfarm"
+DOCUMENTS = "_documents"  # reassembled translations; "_": pandas.read_parquet(OUTPUT) reads result rows only
 RUN_FILE = f"{META}/run.json"
 
 

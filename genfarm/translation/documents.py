@@ -19,13 +19,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from genfarm.batch.source import InputFile, source_rows
-from genfarm.batch.store import META, OutputStore
+from genfarm.batch.store import DOCUMENTS, META, OutputStore
 from genfarm.spec import InputSpec
 from genfarm.tasks.base import RowError
 from genfarm.translation.assemble import reassemble
 from genfarm.translation.rows import DocumentSplitter, segment_id
 
-DOCUMENTS = "_documents"  # '_': pandas.read_parquet(OUTPUT) keeps reading the segment rows only
 DOCUMENT_SCHEMA = pa.schema([
     ("document_id", pa.string()), ("source_file", pa.string()), ("source_language", pa.string()),
     ("target_language", pa.string()), ("text", pa.string()),

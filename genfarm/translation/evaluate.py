@@ -15,9 +15,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from genfarm.batch.store import OutputStore
+from genfarm.batch.store import DOCUMENTS, OutputStore
 from genfarm.errors import UserError
-from genfarm.translation.documents import DOCUMENTS
 from genfarm.translation.languages import UnknownLanguage, to_code
 
 REFERENCE_FIELDS = ("id", "target_language", "reference")
