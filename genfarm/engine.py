@@ -93,6 +93,10 @@ class PromptTooLong(ValueError):
     pass
 
 
+class InvalidRequest(ValueError):
+    """vLLM refused a request's parameters (e.g. n > 1 with greedy sampling)."""
+
+
 class PromptEncoder:
     """Chat rendering and length checks shared by the batch and online engines (both need `tokenizer`, `spec`)."""
 
@@ -273,7 +277,12 @@ class AsyncEngine(PromptEncoder):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = to_sampling_params(SamplingParams, sampling, seed)
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            params = to_sampling_params(SamplingParams, sampling, seed)
+        except (ValueError, VLLMClientError) as err:
+            raise InvalidRequest(str(err)) from None
         params.output_kind = RequestOutputKind.DELTA
         return params
 
@@ -282,10 +291,16 @@ class AsyncEngine(PromptEncoder):
         from vllm.inputs import TokensPrompt
 
         request_id = f"{request_id}-{next(self._request_ids)}"  # unique even if a client reuses an id
-        async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
-            yield [
-                Completion(c.text, c.finish_reason, len(c.token_ids), c.index) for c in output.outputs
-            ]
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            outputs = self.llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id)
+            async for output in outputs:
+                yield [
+                    Completion(c.text, c.finish_reason, len(c.token_ids), c.index) for c in output.outputs
+                ]
+        except VLLMClientError as err:  # checks vLLM makes only once the request is in
+            raise InvalidRequest(str(err)) from None
 
     async def check_health(self) -> None:
         await self.llm.check_health()

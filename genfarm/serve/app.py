@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 
 from genfarm import __version__
-from genfarm.engine import AsyncEngine, PromptTooLong, use_gpu
+from genfarm.engine import AsyncEngine, InvalidRequest, PromptTooLong, use_gpu
 from genfarm.serve import protocol as api
 from genfarm.serve.config import ServeSpec, api_keys
 from genfarm.serve.limits import Limiter, Overloaded
@@ -41,6 +41,14 @@ app = FastAPI(
 )
 
 
+class ReplicaState:
+    """What the module-level middleware and error handlers need from this process's replica. A class, because
+    Serve ships the FastAPI app to replicas as a copy while importable classes stay shared with the module."""
+
+    keys: frozenset[str] = frozenset()
+    metrics: ReplicaMetrics | None = None
+
+
 @app.exception_handler(APIError)
 async def _api_error(request: Request, err: APIError) -> JSONResponse:
     return err.response()
@@ -52,15 +60,44 @@ async def _invalid_request(request: Request, err: RequestValidationError) -> JSO
     first = err.errors()[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
-    if first.get("type") == "extra_forbidden":
-        message = f"unsupported parameter {param!r}; remove it (see /docs for the parameters genfarm accepts)"
+    if first.get("type") == "json_invalid" or param is None:
+        error = APIError(400, "the request body is not a JSON object; send JSON with Content-Type: application/json",
+                         code="invalid_json")
+    elif first.get("type") == "extra_forbidden":
+        error = APIError(400, f"unsupported parameter {param!r}; remove it (see /docs for the parameters genfarm "
+                         "accepts)", param=param, code="invalid_parameter")
     else:
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    return APIError(400, message, param=param, code="invalid_parameter").response()
+        error = APIError(400, f"{param}: {first.get('msg')}", param=param, code="invalid_parameter")
+    if ReplicaState.metrics is not None:
+        Call(ROUTES.get(request.url.path, "other"), ReplicaState.metrics).error(error)
+    return error.response()
 
 
+class RequireApiKey:
+    """Checks the key before routing and body validation, so a caller without a valid key learns nothing else.
+    Plain ASGI rather than BaseHTTPMiddleware, which would wrap every streamed chunk and hide client disconnects."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        keys = ReplicaState.keys
+        if keys and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            headers = dict(scope["headers"])
+            scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in keys):
+                error = APIError(401, "missing or invalid API key; send the header 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key")
+                Call(ROUTES.get(scope["path"], "other"), ReplicaState.metrics).error(error)
+                return await error.response()(scope, receive, send)
+        await self.inner(scope, receive, send)
+
+
+app.add_middleware(RequireApiKey)
+
+
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/articles": "articles",
+          "/v1/translations": "translations", "/v1/models": "models"}
 ERRORS_DOC = {code: {"model": api.ErrorBody} for code in (400, 401, 429, 503, 504)}
 STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: server-sent events."}
 
@@ -77,8 +114,9 @@ class GenfarmServer:
         gpu = use_gpu(spec.engine, len(ray.get_gpu_ids()))
         self.engine = AsyncEngine(models.resolve(spec.model.name, spec.model.revision), spec.engine, gpu)
         self.limiter = Limiter(spec.limits.concurrency(spec.engine), spec.limits.max_queued)
-        self.metrics = ReplicaMetrics(lambda: self.limiter.running, lambda: self.limiter.waiting)
-        self.keys = api_keys(spec)
+        self.metrics = ReplicaMetrics(lambda: self.limiter.running, lambda: self.limiter.waiting,
+                                      self.engine.llm.get_num_unfinished_requests)
+        ReplicaState.keys, ReplicaState.metrics = api_keys(spec), self.metrics
         self.hub, self.replica = hub, serve.get_replica_context().replica_id.unique_id
         self.tasks = {
             "article": make_task(spec.tasks.article.model_copy(update={"columns": {}})),
@@ -111,15 +149,15 @@ class GenfarmServer:
         return PlainTextResponse(await self.hub.render.remote(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=api.ModelList, responses=ERRORS_DOC)
-    async def list_models(self, request: Request):
-        self.authorize(request)
+    async def list_models(self):
+        self.start("models", None).finish(200)
         card = api.ModelCard(id=self.spec.model.name, created=int(time.time()),
                              max_model_len=self.spec.engine.max_model_len)
         return api.ModelList(data=[card])
 
     @app.post("/v1/chat/completions", responses={200: {"model": api.ChatResponse, **STREAM_DOC}, **ERRORS_DOC})
-    async def chat_completions(self, body: api.ChatRequest, request: Request):
-        call = self.start("chat", request, body.model)
+    async def chat_completions(self, body: api.ChatRequest):
+        call = self.start("chat", body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens
         sampling = self.sampling(body, max_tokens)
@@ -135,8 +173,8 @@ class GenfarmServer:
                 "usage": usage(len(ids), tokens)}
 
     @app.post("/v1/completions", responses={200: {"model": api.CompletionResponse, **STREAM_DOC}, **ERRORS_DOC})
-    async def completions(self, body: api.CompletionRequest, request: Request):
-        call = self.start("completions", request, body.model)
+    async def completions(self, body: api.CompletionRequest):
+        call = self.start("completions", body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise call.error(APIError(400, f"prompt holds {len(prompts)} prompts; send one prompt per request",
@@ -156,8 +194,8 @@ class GenfarmServer:
 
     @app.post("/v1/articles", response_model=api.ArticleResponse, responses=ERRORS_DOC,
               summary="Write an article about a topic (the batch `article` task)")
-    async def articles(self, body: api.ArticleRequest, request: Request) -> api.ArticleResponse:
-        call = self.start("articles", request, body.model)
+    async def articles(self, body: api.ArticleRequest) -> api.ArticleResponse:
+        call = self.start("articles", body.model)
         row = body.model_dump(include={"topic", "audience", "length", "style", "language"}, exclude_none=True)
         text, reason, prompt_tokens, tokens = await self.run_task(call, "article", row, body)
         return api.ArticleResponse(id=f"article-{uuid.uuid4().hex}", model=self.spec.model.name, topic=body.topic,
@@ -166,8 +204,8 @@ class GenfarmServer:
 
     @app.post("/v1/translations", response_model=api.TranslationResponse, responses=ERRORS_DOC,
               summary="Translate a text (the batch `translate` task)")
-    async def translations(self, body: api.TranslationRequest, request: Request) -> api.TranslationResponse:
-        call = self.start("translations", request, body.model)
+    async def translations(self, body: api.TranslationRequest) -> api.TranslationResponse:
+        call = self.start("translations", body.model)
         row = body.model_dump(include={"text", "source_language", "target_language"}, exclude_none=True)
         task = self.tasks["translate"]
         text, reason, prompt_tokens, tokens = await self.run_task(call, "translate", row, body)
@@ -178,22 +216,10 @@ class GenfarmServer:
 
     # ---- request handling ---------------------------------------------------------------------------------------
 
-    def authorize(self, request: Request) -> None:
-        if not self.keys:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in self.keys):
-            raise APIError(401, "missing or invalid API key; send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-
-    def start(self, route: str, request: Request, model: str | None) -> Call:
+    def start(self, route: str, model: str | None) -> Call:
         if self._pusher is None:
             self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
         call = Call(route, self.metrics)
-        try:
-            self.authorize(request)
-        except APIError as err:
-            raise call.error(err) from None
         if model is not None and model != self.spec.model.name:
             raise call.error(APIError(400, f"model {model!r} is not served here; use {self.spec.model.name!r} "
                                       "(GET /v1/models)", param="model", code="model_not_found"))
@@ -213,7 +239,7 @@ class GenfarmServer:
     def params(self, call: Call, sampling: SamplingSpec, seed: int | None):
         try:
             return self.engine.params(sampling, seed)
-        except ValueError as err:  # vLLM refuses this combination of parameters
+        except InvalidRequest as err:  # vLLM refuses this combination of parameters
             raise call.error(APIError(400, str(err), code="invalid_parameter")) from None
 
     def encode(self, call: Call, prompt: Prompt, sampling: SamplingSpec) -> list[int]:
@@ -274,6 +300,8 @@ class GenfarmServer:
                     reasons[c.index] = c.finish_reason or reasons[c.index]
         except APIError as err:
             raise call.error(err) from None
+        except InvalidRequest as err:
+            raise call.error(APIError(400, str(err), code="invalid_parameter")) from None
         except asyncio.CancelledError:
             call.disconnected()
             raise
@@ -295,9 +323,9 @@ class GenfarmServer:
                 if include_usage:
                     yield sse(chunks.usage(usage(len(ids), call.tokens)))
                 call.finish(200, prompt_tokens=len(ids))
-            except APIError as err:
-                call.error(err)
-                yield sse(err.body())
+            except (APIError, InvalidRequest) as err:
+                error = err if isinstance(err, APIError) else APIError(400, str(err), code="invalid_parameter")
+                yield sse(call.error(error).body())
             except (asyncio.CancelledError, GeneratorExit):
                 call.disconnected()
                 raise

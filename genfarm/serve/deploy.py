@@ -33,8 +33,9 @@ def server_options(spec: ServeSpec) -> dict:
         "ray_actor_options": {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"]},
         # genfarm's limiter answers 429 past its capacity, so Serve must let that many through to it...
         "max_ongoing_requests": capacity + HEADROOM,
-        # ...and Serve's own queue in front of a full replica is bounded too (past it Serve answers 503).
-        "max_queued_requests": max(capacity, 1),
+        # ...and Serve's own queue of requests not yet handed to a replica is bounded too (past it: 503). It also
+        # holds requests for the moment the router takes to pick a replica, so it gets room for a burst.
+        "max_queued_requests": 2 * capacity + HEADROOM,
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": spec.limits.request_timeout_s,

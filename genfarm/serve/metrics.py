@@ -13,7 +13,7 @@ STALE_GAUGE_S = 15  # a replica silent this long is gone: its gauges leave the s
 
 
 class ReplicaMetrics:
-    def __init__(self, running, waiting):
+    def __init__(self, running, waiting, engine_requests):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("genfarm_requests", "HTTP requests answered, by route and status code.",
@@ -31,6 +31,8 @@ class ReplicaMetrics:
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         Gauge("genfarm_running_requests", "Requests generating now.", registry=r).set_function(running)
         Gauge("genfarm_queue_depth", "Requests waiting for a generation slot.", registry=r).set_function(waiting)
+        Gauge("genfarm_engine_requests", "Requests the vLLM engine holds (running or waiting inside it).",
+              registry=r).set_function(engine_requests)
 
     def snapshot(self) -> list[Metric]:
         return list(self.registry.collect())
