@@ -181,7 +181,25 @@ def test_article_and_translation_endpoints_reuse_the_tasks(service):
     assert missing.status_code == 400 and "target_language" in missing.json()["error"]["message"]
     done = service.post("/v1/translations", json={"text": "hello", "target_language": "fr", "max_tokens": 8})
     assert done.status_code == 200, done.text
-    assert done.json()["source_language"] == "English" and done.json()["segments"] >= 1
+    assert (done.json()["source_language"], done.json()["target_language"]) == ("en", "fr")  # BCP 47 codes
+    assert done.json()["segments"] == 1
+
+
+def test_long_translation_is_segmented_like_batch_documents(service):
+    code = "```python\nprint('keep me exactly')\n```"
+    paragraphs = [f"Paragraph {i}: the history of water and music, see https://example.org/p{i} for more. " * 6
+                  for i in range(6)]
+    text = "# Title\n\n" + "\n\n".join(paragraphs[:3]) + f"\n\n{code}\n\n" + "\n\n".join(paragraphs[3:])
+    done = service.post("/v1/translations", json={"text": text, "target_language": "de", "max_tokens": 64,
+                                                  "temperature": 0})
+    assert done.status_code == 200, done.text
+    body = done.json()
+    assert body["segments"] >= 7 and body["target_language"] == "de"  # the title and each paragraph at least
+    assert code in body["text"]  # never sent to the model, copied back as it was
+    assert all(f"https://example.org/p{i}" in body["text"] for i in range(6))
+    assert body["text"].count("\n\n") == text.count("\n\n") and body["text"].startswith("# ")
+    bad = service.post("/v1/translations", json={"text": "hello", "target_language": "Klingonish"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "target_language"
 
 
 def test_openapi_describes_every_route(service):

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import time
 import uuid
+import weakref
 from contextlib import aclosing
 
 from fastapi import FastAPI, Request
@@ -21,14 +22,18 @@ from ray import serve
 
 from genfarm import __version__
 from genfarm.engine import AsyncEngine, InvalidRequest, PromptTooLong, use_gpu
+from genfarm.errors import UserError
 from genfarm.serve import protocol as api
 from genfarm.serve.config import ServeSpec, api_keys
-from genfarm.serve.limits import Limiter, Overloaded
+from genfarm.serve.limits import Limiter, Overloaded, Slot
 from genfarm.serve.metrics import MetricsHub, ReplicaMetrics
 from genfarm.serve.responses import APIError, Call, ChatChunks, TextChunks, sse, usage
-from genfarm.spec import SamplingSpec
+from genfarm.spec import SamplingSpec, TranslateTask
 from genfarm.tasks import make_task
 from genfarm.tasks.base import Prompt, RowError
+from genfarm.tasks.translate import segment_prompt
+from genfarm.translation import languages, reassemble, segment_document
+from genfarm.translation.rows import segment_budget
 
 PUSH_INTERVAL_S = 1.0  # how often a replica sends its counters to the MetricsHub
 OPEN_PATHS = {"/health", "/metrics", "/docs", "/openapi.json", "/redoc"}
@@ -166,11 +171,11 @@ class GenfarmServer:
         if body.stream:
             return await self.stream(call, ids, sampling, body.seed, ChatChunks(rid, self.spec.model.name),
                                      include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        texts, reasons, tokens = await self.complete(call, ids, sampling, body.seed)
+        [(texts, reasons)] = await self.complete(call, [ids], sampling, body.seed)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.spec.model.name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                              "logprobs": None} for i, (text, reason) in enumerate(zip(texts, reasons))],
-                "usage": usage(len(ids), tokens)}
+                "usage": usage(len(ids), call.tokens)}
 
     @app.post("/v1/completions", responses={200: {"model": api.CompletionResponse, **STREAM_DOC}, **ERRORS_DOC})
     async def completions(self, body: api.CompletionRequest):
@@ -186,20 +191,22 @@ class GenfarmServer:
         if body.stream:
             return await self.stream(call, ids, sampling, body.seed, TextChunks(rid, self.spec.model.name, echo),
                                      include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        texts, reasons, tokens = await self.complete(call, ids, sampling, body.seed)
+        [(texts, reasons)] = await self.complete(call, [ids], sampling, body.seed)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.spec.model.name,
                 "choices": [{"index": i, "text": echo + text, "finish_reason": reason, "logprobs": None}
                             for i, (text, reason) in enumerate(zip(texts, reasons))],
-                "usage": usage(len(ids), tokens)}
+                "usage": usage(len(ids), call.tokens)}
 
     @app.post("/v1/articles", response_model=api.ArticleResponse, responses=ERRORS_DOC,
               summary="Write an article about a topic (the batch `article` task)")
     async def articles(self, body: api.ArticleRequest) -> api.ArticleResponse:
         call = self.start("articles", body.model)
         row = body.model_dump(include={"topic", "audience", "length", "style", "language"}, exclude_none=True)
-        text, reason, prompt_tokens, tokens = await self.run_task(call, "article", row, body)
+        sampling = self.sampling(body, body.max_tokens)
+        ids = self.encode(call, self.task_prompt(call, "article", row, body), sampling)
+        [([text], [reason])] = await self.complete(call, [ids], sampling, body.seed)
         return api.ArticleResponse(id=f"article-{uuid.uuid4().hex}", model=self.spec.model.name, topic=body.topic,
-                                   text=text, finish_reason=reason, usage=usage(prompt_tokens, tokens),
+                                   text=text, finish_reason=reason, usage=usage(len(ids), call.tokens),
                                    **self.tasks["article"].columns(row, text))
 
     @app.post("/v1/translations", response_model=api.TranslationResponse, responses=ERRORS_DOC,
@@ -207,12 +214,21 @@ class GenfarmServer:
     async def translations(self, body: api.TranslationRequest) -> api.TranslationResponse:
         call = self.start("translations", body.model)
         row = body.model_dump(include={"text", "source_language", "target_language"}, exclude_none=True)
-        task = self.tasks["translate"]
-        text, reason, prompt_tokens, tokens = await self.run_task(call, "translate", row, body)
-        source, target = task.languages(row)
-        return api.TranslationResponse(id=f"translation-{uuid.uuid4().hex}", model=self.spec.model.name,
-                                       source_language=source, target_language=target, text=text, segments=1,
-                                       finish_reason=reason, usage=usage(prompt_tokens, tokens))
+        self.task_prompt(call, "translate", row, body)  # the same checks as a batch row: text and languages given
+        source, target = self.language_codes(call, *self.tasks["translate"].languages(row))
+        sampling = self.sampling(body, body.max_tokens)
+        spec = self.tasks["translate"].spec.model_copy(update={"source_language": source, "target_languages": [target]})
+        segments = self.segments(call, spec, body.text, sampling)
+        pieces = [s for s in segments if s.translate]
+        prompts = [self.encode(call, segment_prompt(spec, s.text, source, target, None), sampling) for s in pieces]
+        answers = await self.complete(call, prompts, sampling, body.seed)
+        document = reassemble(segments, {s.index: texts[0] for s, (texts, _) in zip(pieces, answers)})
+        reasons = {reasons[0] for _, reasons in answers}
+        return api.TranslationResponse(
+            id=f"translation-{uuid.uuid4().hex}", model=self.spec.model.name, source_language=source,
+            target_language=target, text=document.text, segments=len(pieces),
+            finish_reason="length" if "length" in reasons else "stop",
+            usage=usage(sum(map(len, prompts)), call.tokens))
 
     # ---- request handling ---------------------------------------------------------------------------------------
 
@@ -236,6 +252,29 @@ class GenfarmServer:
             "stop": default.stop if stop is None else stop,
         })
 
+    def language_codes(self, call: Call, *names: str) -> list[str]:
+        try:
+            return [languages.to_code(name) for name in names]
+        except languages.UnknownLanguage as err:
+            raise call.error(APIError(400, str(err), param="target_language", code="invalid_parameter")) from None
+
+    def segments(self, call: Call, task: TranslateTask, text: str, sampling: SamplingSpec) -> list:
+        """The text in pieces that fit the model beside their answer: the batch jobs' Markdown-aware segmenter."""
+        tokenizer = self.engine.tokenizer
+
+        def count(piece: str) -> int:
+            return len(tokenizer.encode(piece, add_special_tokens=False))
+
+        try:
+            budget = segment_budget(task, self.spec.engine, sampling, tokenizer)
+        except UserError as err:  # a small max_tokens still translates a text that small
+            if count(text) > sampling.max_tokens:
+                raise call.error(APIError(400, f"max_tokens {sampling.max_tokens} is too small to translate this "
+                                          f"text in pieces ({err.problem})", param="max_tokens",
+                                          code="invalid_parameter")) from None
+            budget = sampling.max_tokens
+        return segment_document(text, count, budget)
+
     def params(self, call: Call, sampling: SamplingSpec, seed: int | None):
         try:
             return self.engine.params(sampling, seed)
@@ -249,24 +288,20 @@ class GenfarmServer:
             raise call.error(APIError(400, str(err), param="messages" if prompt.messages else "prompt",
                                       code="context_length_exceeded")) from None
 
-    async def run_task(self, call: Call, name: str, row: dict, body: api.SamplingParams):
+    def task_prompt(self, call: Call, name: str, row: dict, body: api.SamplingParams) -> Prompt:
         if body.n != 1:
             raise call.error(APIError(400, "task endpoints write one text; leave n out", param="n",
                                       code="invalid_parameter"))
         try:
-            prompt = self.tasks[name].prompt(row)
+            return self.tasks[name].prompt(row)
         except RowError as err:
             raise call.error(APIError(400, err.message, code=err.kind)) from None
-        sampling = self.sampling(body, body.max_tokens)
-        ids = self.encode(call, prompt, sampling)
-        texts, reasons, tokens = await self.complete(call, ids, sampling, body.seed)
-        return texts[0], reasons[0], len(ids), tokens
 
-    async def admit(self, call: Call) -> None:
+    async def admit(self, call: Call) -> Slot:
         """Take a generation slot, or answer 429 at once when the replica's queue is full."""
         try:
             async with asyncio.timeout(call.remaining(self.spec.limits.request_timeout_s)):
-                await self.limiter.acquire()
+                return await self.limiter.acquire()
         except Overloaded as err:
             raise call.error(APIError(429, f"server busy ({err}); retry shortly", kind="rate_limit_error",
                                       code="overloaded", retry_after=1)) from None
@@ -275,7 +310,7 @@ class GenfarmServer:
                                       kind="timeout", code="timeout")) from None
 
     async def deltas(self, call: Call, ids: list[int], params):
-        """The engine's output for one held slot, within the request's time limit; frees the slot at the end."""
+        """The engine's output for one prompt, within the request's time limit (the caller holds the slot)."""
         try:
             async with asyncio.timeout(call.remaining(self.spec.limits.request_timeout_s)):
                 async with aclosing(self.engine.stream(ids, params, call.route)) as outputs:
@@ -286,18 +321,21 @@ class GenfarmServer:
             raise APIError(504, f"generation took longer than {self.spec.limits.request_timeout_s:g}s "
                            "(limits.request_timeout_s); ask for fewer max_tokens", kind="timeout",
                            code="timeout") from None
-        finally:
-            self.limiter.release()
 
-    async def complete(self, call: Call, ids: list[int], sampling: SamplingSpec, seed: int | None):
+    async def collect(self, call: Call, ids: list[int], params, n: int) -> tuple[list[str], list[str | None]]:
+        texts, reasons = [""] * n, [None] * n
+        async for completions in self.deltas(call, ids, params):
+            for c in completions:
+                texts[c.index] += c.text
+                reasons[c.index] = c.finish_reason or reasons[c.index]
+        return texts, reasons
+
+    async def complete(self, call: Call, prompts: list[list[int]], sampling: SamplingSpec, seed: int | None):
+        """Whole answers to one or more prompts (the segments of one translation share the request's slot)."""
         params = self.params(call, sampling, seed)
-        await self.admit(call)
-        texts, reasons = [""] * sampling.n, [None] * sampling.n
+        slot = await self.admit(call)
         try:
-            async for completions in self.deltas(call, ids, params):
-                for c in completions:
-                    texts[c.index] += c.text
-                    reasons[c.index] = c.finish_reason or reasons[c.index]
+            answers = await asyncio.gather(*(self.collect(call, ids, params, sampling.n) for ids in prompts))
         except APIError as err:
             raise call.error(err) from None
         except InvalidRequest as err:
@@ -308,13 +346,15 @@ class GenfarmServer:
         except Exception as err:  # noqa: BLE001 - the engine failed this request
             raise call.error(APIError(503, f"the engine failed: {err}", kind="service_unavailable",
                                       code="engine_error", retry_after=5)) from None
-        call.finish(200, prompt_tokens=len(ids))
-        return texts, reasons, call.tokens
+        finally:
+            slot.release()
+        call.finish(200, prompt_tokens=sum(map(len, prompts)))
+        return answers
 
     async def stream(self, call: Call, ids: list[int], sampling: SamplingSpec, seed: int | None, chunks,
                      include_usage: bool) -> StreamingResponse:
         params = self.params(call, sampling, seed)
-        await self.admit(call)  # before the headers, so a full server answers 429 rather than an event
+        slot = await self.admit(call)  # before the headers, so a full server answers 429 rather than an event
 
         async def events():
             try:
@@ -333,9 +373,13 @@ class GenfarmServer:
                 failure = call.error(APIError(503, f"the engine failed: {err}", kind="service_unavailable",
                                               code="engine_error"))
                 yield sse(failure.body())
+            finally:
+                slot.release()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        body = events()
+        weakref.finalize(body, slot.release)  # a stream dropped before its first chunk never runs its finally
+        return StreamingResponse(body, media_type="text/event-stream")
 
     async def _push_metrics(self) -> None:
         while True:

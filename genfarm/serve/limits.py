@@ -17,7 +17,7 @@ class Limiter:
         self.waiting = 0
         self._slots = asyncio.Semaphore(concurrent)
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> Slot:
         """Take a generation slot (waiting in the queue if need be); Overloaded when the queue is full too."""
         if self._slots.locked():
             if self.waiting >= self.queued:
@@ -30,7 +30,20 @@ class Limiter:
         else:
             await self._slots.acquire()
         self.running += 1
+        return Slot(self)
 
-    def release(self) -> None:
+    def _release(self) -> None:
         self.running -= 1
         self._slots.release()
+
+
+class Slot:
+    """A held generation slot; release() is safe to call more than once (a stream's end and its cleanup)."""
+
+    def __init__(self, limiter: Limiter):
+        self._limiter = limiter
+
+    def release(self) -> None:
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter._release()

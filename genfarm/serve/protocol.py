@@ -71,9 +71,11 @@ class ArticleRequest(SamplingParams):
 
 
 class TranslationRequest(SamplingParams):
-    text: str = Field(min_length=1)
-    source_language: str | None = Field(None, description="Default: the serve config's tasks.translate.")
-    target_language: str | None = None
+    text: str = Field(min_length=1, description="Plain text or Markdown; long texts are translated in segments, "
+                      "code blocks, inline code and URLs are kept as they are.")
+    source_language: str | None = Field(None, description="BCP 47 code or English name (fr, pt-BR, French); "
+                                        "default: the serve config's tasks.translate.")
+    target_language: str | None = Field(None, description="BCP 47 code or English name.")
     model: str | None = None
 
 
@@ -138,7 +140,7 @@ class TranslationResponse(BaseModel):
     source_language: str
     target_language: str
     text: str
-    segments: int = Field(description="Pieces the text was translated in (long texts are split to fit the model).")
+    segments: int = Field(description="Pieces sent to the model (long texts are split to fit it; code is not sent).")
     finish_reason: str | None
     usage: Usage
 
