@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import report as results_files
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 SYSTEMS = ("bare", "genfarm", "raydata")
 ENGINE = {"max_model_len": 2048, "max_num_seqs": 64, "kv_cache_gib": 2.0}
 SCENARIOS = {
@@ -196,10 +197,8 @@ def main() -> None:
 def report(results: list[dict]) -> None:
     import platform
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
             "model": "SmolLM2-135M-Instruct (bf16)", "engine": ENGINE, "sampling": "greedy, EOS allowed"}
-    (RESULTS / "batch.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['model']}, {meta['sampling']}, "
              f"max_num_seqs {ENGINE['max_num_seqs']}.", "",
              "| scenario | system | prompts | generated tokens | wall s | tok/s (whole run) | tok/s (generation) "
@@ -218,16 +217,12 @@ def report(results: list[dict]) -> None:
         gen = f"{r['generate_tokens_per_s']:,.0f}" if r.get("generate_tokens_per_s") else "n/a"
         lines.append(f"| {r['scenario']} | {r['system']} | {r['prompts']} | {r['tokens']:,} | {r['wall_s']:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {gen} | {gen_ratio} | {whole_ratio} | {rd_ratio} |")
-    (RESULTS / "batch.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    results_files.write("batch", {"meta": meta, "results": results}, lines)
     plot(results)
 
 
 def plot(results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = results_files.pyplot()
 
     scenarios = list(dict.fromkeys(r["scenario"] for r in results))
     fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 3.6), squeeze=False)
@@ -245,7 +240,7 @@ def plot(results: list[dict]) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "batch.png", dpi=120)
+    fig.savefig(results_files.RESULTS / "batch.png", dpi=120)
 
 
 if __name__ == "__main__":

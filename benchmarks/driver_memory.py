@@ -18,8 +18,9 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks import report as results_files
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 class RssSampler(threading.Thread):
@@ -76,11 +77,7 @@ def main() -> None:
 
 
 def report(rows: int, summary: dict, seconds: float, samples: list) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = results_files.pyplot()
     mib = [(t, r, rss / 2**20) for t, r, rss in samples]
     streaming = [m for _, r, m in mib if r > 0]
     first_half = [m for _, r, m in mib if 0 < r <= rows / 2]
@@ -95,11 +92,9 @@ def report(rows: int, summary: dict, seconds: float, samples: list) -> None:
         "date": time.strftime("%Y-%m-%d"), "machine": f"{psutil.cpu_count()} CPUs, "
                                                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "driver_memory.json").write_text(json.dumps({**result, "samples": mib}, indent=1))
     table = "| " + " | ".join(k for k in result) + " |\n|" + "---|" * len(result) + "\n| " + \
             " | ".join(str(v) for v in result.values()) + " |\n"
-    (RESULTS / "driver_memory.md").write_text(table)
+    results_files.write("driver_memory", {**result, "samples": mib}, [table])
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot([r for _, r, _ in mib], [m for _, _, m in mib], lw=1.5)
     ax.set_xlabel("rows committed")
@@ -108,8 +103,7 @@ def report(rows: int, summary: dict, seconds: float, samples: list) -> None:
     ax.set_title(f"genfarm driver memory while streaming {rows:,} rows")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "driver_memory.png", dpi=120)
-    print(table)
+    fig.savefig(results_files.RESULTS / "driver_memory.png", dpi=120)
 
 
 if __name__ == "__main__":

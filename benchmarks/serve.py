@@ -30,7 +30,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks.batch import RESULTS, ROOT, messages, rows
+from benchmarks import report as results_files
+from benchmarks.batch import ROOT, messages, rows
 
 ENGINE = {"max_model_len": 2048, "max_num_seqs": 32, "kv_cache_gib": 1.0}
 MAX_TOKENS = 128
@@ -158,11 +159,9 @@ def main() -> None:
 def report(results: list[dict], per_client: int) -> None:
     import platform
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
             "model": "SmolLM2-135M-Instruct (bf16)", "engine": ENGINE, "max_tokens": MAX_TOKENS,
             "sampling": "greedy, EOS allowed, streamed chat completions", "requests_per_client": per_client}
-    (RESULTS / "serve.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['model']}, {meta['sampling']}, max_tokens "
              f"{MAX_TOKENS}, max_num_seqs {ENGINE['max_num_seqs']}, {per_client} requests per client.", "",
              "| concurrency | system | requests | tokens | tok/s | TTFT median ms | TTFT p99 ms | throughput vs vLLM "
@@ -174,16 +173,12 @@ def report(results: list[dict], per_client: int) -> None:
                      f"{r['tokens_per_s']:,.0f} | {r['ttft_median_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
                      f"{ratio:.2f}x | {r['ttft_median_ms'] - base['ttft_median_ms']:+.1f} | "
                      f"{r['ttft_p99_ms'] - base['ttft_p99_ms']:+.1f} |")
-    (RESULTS / "serve.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    results_files.write("serve", {"meta": meta, "results": results}, lines)
     plot(results)
 
 
 def plot(results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = results_files.pyplot()
 
     levels = sorted({r["concurrency"] for r in results})
     fig, (tput, ttft) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -202,7 +197,7 @@ def plot(results: list[dict]) -> None:
     tput.set_title("throughput")
     ttft.set_title("TTFT (bars: median, dash: p99)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "serve.png", dpi=120)
+    fig.savefig(results_files.RESULTS / "serve.png", dpi=120)
 
 
 if __name__ == "__main__":

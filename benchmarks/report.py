@@ -1,0 +1,25 @@
+"""What every benchmark writes: results/NAME.{json,md,png} and the table on stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write(name: str, data: dict, table: list[str]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (RESULTS / f"{name}.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display on servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
