@@ -75,3 +75,29 @@ def test_dockerfile_uses_the_pinned_ray():
 @pytest.mark.parametrize("script", ["local-cluster.sh"])
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / "cluster" / script)]).returncode == 0
+
+
+def test_rayservice_runs_the_genfarm_serve_app():
+    from genfarm.serve.config import ServeSpec
+    from genfarm.serve.deploy import IMPORT_PATH, SERVER, app_config
+
+    doc = load("kuberay/rayservice.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
+    spec = doc["spec"]
+    check_cluster_spec(spec["rayClusterConfig"])
+    serve = yaml.safe_load(spec["serveConfigV2"])
+    [app] = serve["applications"]
+    assert app["import_path"] == IMPORT_PATH and app["route_prefix"] == "/"
+    config = ServeSpec.model_validate(app["args"])  # the args are a valid serve config
+    assert config.engine.device == "gpu"
+    assert serve["http_options"]["host"] == "0.0.0.0"  # reachable from the Kubernetes service, not loopback only
+    # the same shape genfarm serve deploys, so `genfarm serve status/scale` work on it
+    assert set(app) >= set(app_config(config)) - {"runtime_env"}
+    [server] = app["deployments"]
+    assert server["name"] == SERVER
+    scaling = server["autoscaling_config"]
+    gpus = sum(int(g["maxReplicas"]) * int(g["rayStartParams"]["num-gpus"])
+               for g in spec["rayClusterConfig"]["workerGroupSpecs"])
+    assert scaling["min_replicas"] <= scaling["max_replicas"] <= gpus  # one GPU per replica at full scale
+    workers = spec["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert any(e["name"] == "GENFARM_API_KEYS" for e in workers["env"])
