@@ -61,11 +61,17 @@ def start(
     try:
         with deploy.local_cluster(spec) as local_address:
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # after Ray's own: `kill` stops it cleanly
-            deploy.deploy(spec, local_address)
-            deploy.wait_until_running(local_address, spec.name, on_change=_say_status)
-            _say_ready(spec, local_address)
-            out.print("Ctrl-C stops the service.")
-            signal.pause()
+            try:
+                deploy.deploy(spec, local_address)
+                deploy.wait_until_running(local_address, spec.name, on_change=_say_status)
+                _say_ready(spec, local_address)
+                out.print("Ctrl-C stops the service.")
+                signal.pause()
+            finally:
+                # A second `kill` must not cut the shutdown short: it would orphan the engine processes.
+                # (A second Ctrl-C still forces the way out.)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                err.print("stopping: replicas and their engines shut down first")
     except KeyboardInterrupt:
         err.print("stopped")
 
