@@ -135,7 +135,7 @@ def run_system(system: str, model: str, levels: list[int], per_client: int) -> l
             print(json.dumps(out[-1]), flush=True)
         return out
     finally:
-        proc.send_signal(signal.SIGINT if system == "genfarm" else signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # both shut down cleanly on it, engine processes included
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:

@@ -271,6 +271,7 @@ class AsyncEngine(PromptEncoder):
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(model, spec, gpu)))
         self.tokenizer = self.llm.get_tokenizer()
         self._request_ids = itertools.count()
+        reap_children_on_exit()
 
     def params(self, sampling: SamplingSpec, seed: int | None):
         """vLLM's sampling parameters for streaming; a ValueError names what vLLM refuses (e.g. n > 1 when greedy)."""
@@ -307,3 +308,18 @@ class AsyncEngine(PromptEncoder):
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def reap_children_on_exit() -> None:
+    """Have this process's children (the async engine's processes) killed when it dies, even by SIGKILL."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    children = [str(child.pid) for child in psutil.Process().children(recursive=True)]
+    if children:
+        subprocess.Popen([sys.executable, "-m", "genfarm.reaper", str(os.getpid()), *children],
+                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+

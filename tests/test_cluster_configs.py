@@ -101,3 +101,6 @@ def test_rayservice_runs_the_genfarm_serve_app():
     assert scaling["min_replicas"] <= scaling["max_replicas"] <= gpus  # one GPU per replica at full scale
     workers = spec["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert any(e["name"] == "GENFARM_API_KEYS" for e in workers["env"])
+    head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for container in (head, workers):  # the mode `genfarm serve` uses locally, on every Serve process
+        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in container["env"]

@@ -66,11 +66,6 @@ def test_rows_are_generated_on_both_worker_nodes(tmp_path, tiny):
     assert sorted(results["node_id"].unique()) == sorted(result["worker_nodes"])  # both worker nodes, the head none
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product: Ray Data's autoscaling pool scales up at utilization >= 1.75 (its default), but job.py gives each "
-    "engine max_tasks_in_flight_per_actor == max_concurrent_calls_per_actor (batches_in_flight), so utilization "
-    "never exceeds 1.0 and workers.min/max never adds an engine (Ray Data warns 'will not allow it to scale up'). "
-    "Passes with RAY_DATA_DEFAULT_ACTOR_POOL_UTIL_UPSCALING_THRESHOLD=1.0."))
 def test_node_added_mid_job_gets_an_engine_and_rows(tmp_path, tiny):
     # Engines reserve 2 CPUs: the one worker node fits one engine, the 1-CPU head only read tasks, so a second
     # engine (workers.max) can only start on the node added while the job runs. A new engine takes ~15 s to start

@@ -298,6 +298,29 @@ def test_status_scale_and_bad_cli_input(service):
         assert "Traceback" not in result.stderr
 
 
+def test_engine_processes_die_with_a_killed_replica(service):
+    """Ray kills a replica's process hard when its node or raylet goes: vLLM's engine processes must not outlive it
+    (they would hold gigabytes and spin on CPU). Last of the service tests: Serve replaces the replica meanwhile."""
+    import psutil
+
+    state = json.loads(genfarm("serve", "status", "--address", service.address, "--json").stdout)
+    replica = psutil.Process(state["replicas"][0]["pid"])
+    engine = [p for p in replica.children(recursive=True) if "reaper" not in " ".join(p.cmdline())]
+    assert engine, "the replica runs vLLM's engine in child processes"
+    replica.kill()
+    gone, alive = psutil.wait_procs(engine, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+    deadline = time.monotonic() + 240  # Serve starts a new replica with a new engine
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{service.url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    assert service.client().models.list().data[0].id == service.model
+
+
 def test_serve_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "serve.yaml"
     bad.write_text("replicas: {min: 3, max: 1}\n")

@@ -266,6 +266,9 @@ def _quiet_ray_data() -> None:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.max_errored_blocks = -1  # a batch that failed every retry is retried row by row, not fatal
+    # An engine actor takes `batches_in_flight` batches at once, so the pool is never more than 100% busy: Ray
+    # Data's default threshold (175%) would never add an engine within workers.min/max, even on a node that joins.
+    context.autoscaling_config.actor_pool_util_upscaling_threshold = 1.0
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 

@@ -60,7 +60,10 @@ def start(
     deploy.check_port_free(spec.http.host, spec.http.port)
     try:
         with deploy.local_cluster(spec) as local_address:
-            signal.signal(signal.SIGTERM, signal.default_int_handler)  # after Ray's own: `kill` stops it cleanly
+            # After Ray's own handlers: `kill` stops it cleanly, and so does Ctrl-C even when a non-interactive shell
+            # started us in the background (which makes SIGINT ignored).
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 deploy.deploy(spec, local_address)
                 deploy.wait_until_running(local_address, spec.name, on_change=_say_status)
