@@ -223,7 +223,8 @@ def models_list() -> None:
     for row in models.listing():
         view.add_row(row["name"], row["status"], row["path"], row["description"])
     out.print(view)
-    out.print("Also usable as model.name: a local Hugging Face model folder, or a hub id (org/model) if you have a hub.")
+    out.print("Also usable as model.name: a local Hugging Face model folder, or a hub id (org/model) if you have "
+              "a hub.")
 
 
 @models_app.command("prepare")

@@ -47,7 +47,7 @@ def unreachable(address: str, err: Exception) -> UserError:
 
 
 def package_job(job_file: str, overrides: list[str]) -> tuple[Path, str]:
-    """A folder with the job file and its local input, to ship as the job's working_dir; returns (folder, entrypoint)."""
+    """A folder with the job file and its local input, shipped as the job's working_dir: (folder, entrypoint)."""
     job = load_job(job_file, overrides)  # validate here: a bad job file fails before anything is shipped
     data = apply_overrides(yaml.safe_load(Path(job_file).read_text()) or {}, list(overrides))
     if "://" not in job.output.path and not Path(job.output.path).is_absolute():

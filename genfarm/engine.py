@@ -276,9 +276,8 @@ class AsyncEngine(PromptEncoder):
     def params(self, sampling: SamplingSpec, seed: int | None):
         """vLLM's sampling parameters for streaming; a ValueError names what vLLM refuses (e.g. n > 1 when greedy)."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind
 
         try:
             params = to_sampling_params(SamplingParams, sampling, seed)

@@ -164,7 +164,8 @@ def retry_errors(output: str, types: list[str] | None, show_progress: bool = Tru
     list_inputs(job.input)  # the input must still be there before any error row is taken back
     taken = store.take_errors(types, _stamp())
     if not taken:
-        raise UserError("--type" if types else "OUTPUT", f"no error rows{' of type ' + ', '.join(types) if types else ''}"
+        which = f" of type {', '.join(types)}" if types else ""
+        raise UserError("--type" if types else "OUTPUT", f"no error rows{which}"
                         f" in {output}", "see them with: genfarm inspect OUTPUT --errors")
     return run_job(job, show_progress=show_progress, job_file=manifest.get("job_file", ""))
 

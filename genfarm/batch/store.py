@@ -129,7 +129,8 @@ class OutputStore:
     def column_sum(self, column: str, errors: bool = False) -> int:
         total = 0
         for part in self.parts(errors):
-            total += pa.compute.sum(pq.read_table(part, columns=[column], filesystem=self.fs).column(column)).as_py() or 0
+            values = pq.read_table(part, columns=[column], filesystem=self.fs).column(column)
+            total += pa.compute.sum(values).as_py() or 0
         return total
 
     def take_errors(self, types: list[str] | None, label: str) -> int:

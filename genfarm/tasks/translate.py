@@ -73,7 +73,8 @@ def segment_prompt(spec: TranslateTask, text: str, source: str, target: str, con
         lines.append("Translate these terms exactly like this:")
         lines += [f"- {term} -> {translation}" for term, translation in terms.items()]
     if context is not None:
-        lines.append(f"For context only (do not translate it), the text follows this passage:\n\"\"\"\n{context}\n\"\"\"")
+        lines.append("For context only (do not translate it), the text follows this passage:\n"
+                     f"\"\"\"\n{context}\n\"\"\"")
     lines.append(f"Text to translate:\n{text}")
     return chat(spec.system_prompt or SYSTEM, "\n".join(lines))
 
