@@ -19,7 +19,9 @@ from genfarm.serve.config import API_KEYS_ENV, ReplicasSpec, ServeSpec
 IMPORT_PATH = "genfarm.serve.app:build"
 # Ray Serve's throughput mode: the proxy talks gRPC to replicas and request logs are buffered. Measured on 2 cores
 # (benchmarks/serve.py): ~10% more tokens/s at concurrency 8 than the default mode. Clusters set it in their env.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+             # that mode keeps a stopping replica 30 s for load balancers to notice; none sits before a local Ray
+             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 SERVER = "GenfarmServer"
 HEADROOM = 8  # requests beyond the limiter's capacity Serve still passes on: health checks and /metrics
 DEPLOY_TIMEOUT_S = 600
