@@ -16,7 +16,10 @@ POLL_S = 1.0
 
 
 def alive(process: psutil.Process) -> bool:
-    return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone between the two questions
+        return False
 
 
 def main(parent_pid: int, pids: list[int]) -> None:

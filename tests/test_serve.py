@@ -141,6 +141,10 @@ def test_api_keys_are_required_except_for_health_and_metrics(service):
     assert service.client().models.list().data[0].id == service.model
     bad = service.post("/v1/chat/completions", key=None, content=b"{not json")
     assert bad.status_code == 401  # the key is checked before anything else
+    odd = httpx.get(f"{service.url}/v1/models", headers={"Authorization": "Bearer \u00e9t\u00e9".encode("latin-1")})
+    assert odd.status_code == 401 and odd.json()["error"]["code"] == "invalid_api_key"  # not a 500
+    assert httpx.get(f"{service.url}/v2/anything").status_code == 401  # every path but the open ones needs a key
+    assert httpx.get(f"{service.url}/openapi.json").status_code == 200
     assert httpx.get(f"{service.url}/health").json()["status"] == "ok"
     assert httpx.get(f"{service.url}/metrics").status_code == 200
 
@@ -227,8 +231,10 @@ def test_overload_is_turned_away_not_queued_forever(service):
     assert set(statuses) <= {200, 429, 503}, statuses  # Serve's own queue may answer 503 in a burst
     assert 1 <= statuses.count(200) <= LIMITS["max_concurrent"] + LIMITS["max_queued"], statuses
     assert statuses.count(429) >= 1, statuses
-    service.wait_for_metric('genfarm_requests_total{route="completions",status="429"}',
-                            lambda v: v >= before + statuses.count(429))
+    rejected = 'genfarm_requests_total{route="completions",status="429"}'
+    service.wait_for_metric(rejected, lambda v: v >= before + statuses.count(429))
+    time.sleep(2)  # a double count would show up by now
+    assert service.metrics()[rejected] == before + statuses.count(429)
 
 
 def test_client_disconnect_frees_the_engine_slot(service):
@@ -260,7 +266,8 @@ def test_metrics_count_what_happened(service):
     assert now[tokens] - before.get(tokens, 0) == 10
     errors = 'genfarm_errors_total{route="chat",type="model_not_found"}'
     assert now[errors] - before.get(errors, 0) == 1
-    assert now['genfarm_time_to_first_token_seconds_count{route="chat"}'] >= 2
+    ttft = 'genfarm_time_to_first_token_seconds_count{route="chat"}'
+    assert now[ttft] - before.get(ttft, 0) == 2
     assert "genfarm_queue_depth" in now
 
 
@@ -280,9 +287,15 @@ def test_status_scale_and_bad_cli_input(service):
     else:
         pytest.fail(f"no second replica: {state}")
     assert state["target"] == {"num_replicas": 2}
-    answers = [service.client().models.list() for _ in range(4)]  # both replicas answer behind the one port
-    assert all(a.data[0].id == service.model for a in answers)
+    replicas = {httpx.get(f"{service.url}/health", timeout=30).json()["replica"] for _ in range(24)}
+    assert replicas == {r["replica_id"] for r in state["replicas"]}  # both answer behind the one port
     assert genfarm("serve", "scale", "--replicas", 1, "--address", service.address).returncode == 0
+    while time.monotonic() < deadline + 240:
+        state = json.loads(genfarm("serve", "status", "--address", service.address, "--json").stdout)
+        if [r["state"] for r in state["replicas"]] == ["RUNNING"]:
+            break
+        time.sleep(2)
+    assert state["target"] == {"num_replicas": 1} and len(state["replicas"]) == 1, state
     for args, field in [
         (("serve", "scale", "--address", service.address), "serve scale"),
         (("serve", "scale", "--replicas", 2, "--min", 1, "--address", service.address), "serve scale"),
@@ -327,15 +340,21 @@ def test_serve_config_errors_name_the_field(tmp_path):
     result = genfarm("serve", bad)
     assert result.returncode == 2 and "replicas" in result.stderr and "larger" in result.stderr
     bad.write_text("limit: {max_queued: 1}\n")
-    result = genfarm("serve", bad)
-    assert result.returncode == 2 and "did you mean 'limits'" in result.stderr
+    second = genfarm("serve", bad)
+    assert second.returncode == 2 and "did you mean 'limits'" in second.stderr
+    bad.write_text("api_keys: [' padded ']\n")
+    third = genfarm("serve", bad)
+    assert third.returncode == 2 and "api_keys" in third.stderr
+    for run in (result, second, third):
+        assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr
 
 
 def test_api_keys_from_the_environment(monkeypatch):
-    from genfarm.serve.config import ServeSpec, api_keys
+    from genfarm.serve.config import ServeSpec, api_keys, digest
 
     monkeypatch.setenv("GENFARM_API_KEYS", " a , b,")
-    assert api_keys(ServeSpec(api_keys=["c"])) == {"a", "b", "c"}
+    assert api_keys(ServeSpec(api_keys=["c"])) == {digest(k) for k in "abc"}  # only digests travel
+    assert api_keys(ServeSpec(api_keys=[digest("d")])) == {digest(k) for k in "abd"}  # digests may be configured
     monkeypatch.delenv("GENFARM_API_KEYS")
     assert api_keys(ServeSpec()) == frozenset()
 

@@ -17,6 +17,7 @@ from contextlib import aclosing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 
@@ -24,7 +25,7 @@ from genfarm import __version__
 from genfarm.engine import AsyncEngine, InvalidRequest, PromptTooLong, use_gpu
 from genfarm.errors import UserError
 from genfarm.serve import protocol as api
-from genfarm.serve.config import ServeSpec, api_keys
+from genfarm.serve.config import ServeSpec, api_keys, digest
 from genfarm.serve.limits import Limiter, Overloaded, Slot
 from genfarm.serve.metrics import MetricsHub, ReplicaMetrics
 from genfarm.serve.responses import APIError, Call, ChatChunks, TextChunks, sse, usage
@@ -36,7 +37,7 @@ from genfarm.translation import languages, reassemble, segment_document
 from genfarm.translation.rows import segment_budget
 
 PUSH_INTERVAL_S = 1.0  # how often a replica sends its counters to the MetricsHub
-OPEN_PATHS = {"/health", "/metrics", "/docs", "/openapi.json", "/redoc"}
+OPEN_PATHS = {"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 app = FastAPI(
     title="genfarm",
@@ -50,13 +51,23 @@ class ReplicaState:
     """What the module-level middleware and error handlers need from this process's replica. A class, because
     Serve ships the FastAPI app to replicas as a copy while importable classes stay shared with the module."""
 
-    keys: frozenset[str] = frozenset()
+    keys: frozenset[str] = frozenset()  # sha256:HEX digests
     metrics: ReplicaMetrics | None = None
 
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, err: APIError) -> JSONResponse:
     return err.response()
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    """A bug of ours still answers in OpenAI's shape, and counts; the traceback goes to the replica's log."""
+    error = APIError(500, f"internal error ({type(err).__name__}); the replica's log has the details",
+                     kind="server_error", code="internal_error")
+    if ReplicaState.metrics is not None:
+        Call(ROUTES.get(request.url.path, "other"), ReplicaState.metrics).error(error)
+    return error.response()
 
 
 @app.exception_handler(RequestValidationError)
@@ -87,10 +98,15 @@ class RequireApiKey:
 
     async def __call__(self, scope, receive, send):
         keys = ReplicaState.keys
-        if keys and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # behind a route prefix, routes match without it: so must we
+            path = path[len(root):]
+        if keys and scope["type"] == "http" and path not in OPEN_PATHS:  # every other path needs a key
             headers = dict(scope["headers"])
             scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in keys):
+            presented = digest(key.strip())
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(presented, k) for k in keys):
                 error = APIError(401, "missing or invalid API key; send the header 'Authorization: Bearer KEY'",
                                  code="invalid_api_key")
                 Call(ROUTES.get(scope["path"], "other"), ReplicaState.metrics).error(error)
@@ -146,7 +162,7 @@ class GenfarmServer:
             await self.engine.check_health()
         except Exception as err:  # noqa: BLE001 - any engine failure means unhealthy
             return APIError(503, f"engine unhealthy: {err}", kind="service_unavailable").response()
-        return {"status": "ok", "model": self.spec.model.name}
+        return {"status": "ok", "model": self.spec.model.name, "replica": self.replica}
 
     @app.get("/metrics", summary="Prometheus metrics summed over every replica", response_class=PlainTextResponse)
     async def metrics_page(self):
@@ -220,7 +236,8 @@ class GenfarmServer:
         spec = self.tasks["translate"].spec.model_copy(update={"source_language": source, "target_languages": [target]})
         segments = self.segments(call, spec, body.text, sampling)
         pieces = [s for s in segments if s.translate]
-        prompts = [self.encode(call, segment_prompt(spec, s.text, source, target, None), sampling) for s in pieces]
+        prompts = [self.encode(call, segment_prompt(spec, s.text, source, target, None), sampling, param="text")
+                   for s in pieces]
         answers = await self.complete(call, prompts, sampling, body.seed)
         document = reassemble(segments, {s.index: texts[0] for s, (texts, _) in zip(pieces, answers)})
         reasons = {reasons[0] for _, reasons in answers}
@@ -252,11 +269,14 @@ class GenfarmServer:
             "stop": default.stop if stop is None else stop,
         })
 
-    def language_codes(self, call: Call, *names: str) -> list[str]:
-        try:
-            return [languages.to_code(name) for name in names]
-        except languages.UnknownLanguage as err:
-            raise call.error(APIError(400, str(err), param="target_language", code="invalid_parameter")) from None
+    def language_codes(self, call: Call, source: str, target: str) -> tuple[str, str]:
+        codes = []
+        for field, name in (("source_language", source), ("target_language", target)):
+            try:
+                codes.append(languages.to_code(name))
+            except languages.UnknownLanguage as err:
+                raise call.error(APIError(400, str(err), param=field, code="invalid_parameter")) from None
+        return codes[0], codes[1]
 
     def segments(self, call: Call, task: TranslateTask, text: str, sampling: SamplingSpec) -> list:
         """The text in pieces that fit the model beside their answer: the batch jobs' Markdown-aware segmenter."""
@@ -281,12 +301,17 @@ class GenfarmServer:
         except InvalidRequest as err:  # vLLM refuses this combination of parameters
             raise call.error(APIError(400, str(err), code="invalid_parameter")) from None
 
-    def encode(self, call: Call, prompt: Prompt, sampling: SamplingSpec) -> list[int]:
+    def encode(self, call: Call, prompt: Prompt, sampling: SamplingSpec, param: str | None = None) -> list[int]:
+        param = param or ("messages" if prompt.messages else "prompt")
         try:
-            return self.engine.encode(self.engine.render(prompt.messages, prompt.text), sampling.max_tokens)
+            text = self.engine.render(prompt.messages, prompt.text)
+        except (ValueError, TemplateError) as err:  # the model's chat template refuses these messages
+            raise call.error(APIError(400, f"the model's chat template refuses these messages: {err}", param=param,
+                                      code="invalid_messages")) from None
+        try:
+            return self.engine.encode(text, sampling.max_tokens)
         except PromptTooLong as err:
-            raise call.error(APIError(400, str(err), param="messages" if prompt.messages else "prompt",
-                                      code="context_length_exceeded")) from None
+            raise call.error(APIError(400, str(err), param=param, code="context_length_exceeded")) from None
 
     def task_prompt(self, call: Call, name: str, row: dict, body: api.SamplingParams) -> Prompt:
         if body.n != 1:
@@ -308,6 +333,9 @@ class GenfarmServer:
         except TimeoutError:
             raise call.error(APIError(504, "no generation slot freed up in time (limits.request_timeout_s)",
                                       kind="timeout", code="timeout")) from None
+        except asyncio.CancelledError:  # the client left while waiting in the queue
+            call.disconnected()
+            raise
 
     async def deltas(self, call: Call, ids: list[int], params):
         """The engine's output for one prompt, within the request's time limit (the caller holds the slot)."""
@@ -335,21 +363,28 @@ class GenfarmServer:
         params = self.params(call, sampling, seed)
         slot = await self.admit(call)
         try:
-            answers = await asyncio.gather(*(self.collect(call, ids, params, sampling.n) for ids in prompts))
-        except APIError as err:
-            raise call.error(err) from None
-        except InvalidRequest as err:
-            raise call.error(APIError(400, str(err), code="invalid_parameter")) from None
+            async with asyncio.TaskGroup() as group:  # one failing prompt cancels its siblings
+                tasks = [group.create_task(self.collect(call, ids, params, sampling.n)) for ids in prompts]
+            answers = [task.result() for task in tasks]
         except asyncio.CancelledError:
             call.disconnected()
             raise
-        except Exception as err:  # noqa: BLE001 - the engine failed this request
-            raise call.error(APIError(503, f"the engine failed: {err}", kind="service_unavailable",
-                                      code="engine_error", retry_after=5)) from None
+        except ExceptionGroup as failed:
+            raise self.failure(call, failed.exceptions[0]) from None
         finally:
             slot.release()
         call.finish(200, prompt_tokens=sum(map(len, prompts)))
         return answers
+
+    def failure(self, call: Call, err: Exception) -> APIError:
+        """The error a failed generation answers with, counted in the metrics."""
+        if not isinstance(err, APIError):
+            if isinstance(err, InvalidRequest):
+                err = APIError(400, str(err), code="invalid_parameter")
+            else:  # the engine failed this request
+                err = APIError(503, f"the engine failed: {err}", kind="service_unavailable", code="engine_error",
+                               retry_after=5)
+        return call.error(err)
 
     async def stream(self, call: Call, ids: list[int], sampling: SamplingSpec, seed: int | None, chunks,
                      include_usage: bool) -> StreamingResponse:
@@ -358,21 +393,17 @@ class GenfarmServer:
 
         async def events():
             try:
-                async for completions in self.deltas(call, ids, params):
-                    yield sse(chunks.chunk(completions))
+                async with aclosing(self.deltas(call, ids, params)) as outputs:
+                    async for completions in outputs:
+                        yield sse(chunks.chunk(completions))
                 if include_usage:
                     yield sse(chunks.usage(usage(len(ids), call.tokens)))
                 call.finish(200, prompt_tokens=len(ids))
-            except (APIError, InvalidRequest) as err:
-                error = err if isinstance(err, APIError) else APIError(400, str(err), code="invalid_parameter")
-                yield sse(call.error(error).body())
             except (asyncio.CancelledError, GeneratorExit):
                 call.disconnected()
                 raise
-            except Exception as err:  # noqa: BLE001 - the engine failed mid-stream: tell the client, then end
-                failure = call.error(APIError(503, f"the engine failed: {err}", kind="service_unavailable",
-                                              code="engine_error"))
-                yield sse(failure.body())
+            except Exception as err:  # noqa: BLE001 - headers are sent: the error becomes the last event
+                yield sse(self.failure(call, err).body())
             finally:
                 slot.release()
             yield "data: [DONE]\n\n"

@@ -6,6 +6,7 @@ the same settings run the same engine.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -26,6 +27,7 @@ from genfarm.spec import (
 )
 
 API_KEYS_ENV = "GENFARM_API_KEYS"
+HASH_PREFIX = "sha256:"
 
 
 class ReplicasSpec(ScaleRange):
@@ -84,9 +86,9 @@ class ServeSpec(Spec):
     tasks: TasksSpec = TasksSpec()
 
     @model_validator(mode="after")
-    def _no_empty_keys(self) -> ServeSpec:
-        if any(not key.strip() for key in self.api_keys):
-            raise ValueError("api_keys has an empty key")
+    def _usable_keys(self) -> ServeSpec:
+        if any(not key.strip() or key != key.strip() or not key.isascii() for key in self.api_keys):
+            raise ValueError("api_keys: every key must be non-empty ASCII without surrounding spaces")
         return self
 
 
@@ -98,6 +100,16 @@ def load_serve_config(path: str | Path | None, overrides: list[str] = ()) -> Ser
 
 
 def api_keys(spec: ServeSpec) -> frozenset[str]:
-    """Keys from the config plus $GENFARM_API_KEYS; an empty set means no authentication."""
-    from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
-    return frozenset(spec.api_keys) | frozenset(from_env)
+    """Keys from the config plus $GENFARM_API_KEYS, each as `sha256:HEX`; an empty set means no authentication."""
+    from_env = os.environ.get(API_KEYS_ENV, "").split(",")
+    return frozenset(hashed(key.strip()) for key in [*spec.api_keys, *from_env] if key.strip())
+
+
+def hashed(key: str) -> str:
+    """A configured key as `sha256:HEX` (kept if it already is one), so Serve's dashboard never shows a key."""
+    return key if key.startswith(HASH_PREFIX) else digest(key)
+
+
+def digest(key: str) -> str:
+    """`sha256:HEX` of a key a client presented: always hashed, so a leaked digest is no key."""
+    return HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()

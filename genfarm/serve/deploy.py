@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from genfarm.engine import worker_resources
 from genfarm.errors import UserError
-from genfarm.serve.config import API_KEYS_ENV, ReplicasSpec, ServeSpec
+from genfarm.serve.config import ReplicasSpec, ServeSpec, api_keys
 
 IMPORT_PATH = "genfarm.serve.app:build"
 # Ray Serve's throughput mode: the proxy talks gRPC to replicas and request logs are buffered. Measured on 2 cores
@@ -60,11 +60,10 @@ def app_config(spec: ServeSpec) -> dict:
         "name": spec.name,
         "route_prefix": "/",
         "import_path": IMPORT_PATH,
-        "args": spec.model_dump(mode="json", exclude={"replicas"}),
+        # Keys travel as sha256 digests: Serve shows an app's config to anyone who can read the dashboard.
+        "args": {**spec.model_dump(mode="json", exclude={"replicas"}), "api_keys": sorted(api_keys(spec))},
         "deployments": [{"name": SERVER, **replica_options(spec.replicas)}],
     }
-    if os.environ.get(API_KEYS_ENV):  # keys from this shell reach the replicas, wherever they run
-        config["runtime_env"] = {"env_vars": {API_KEYS_ENV: os.environ[API_KEYS_ENV]}}
     return config
 
 
@@ -86,11 +85,21 @@ def deploy(spec: ServeSpec, address: str) -> None:
     details = client.get_serve_details()
     apps = [a for name, a in _deployed(details).items() if name != spec.name]
     http = details.get("http_options") or {}
-    if http and (http.get("host"), http.get("port")) != (spec.http.host, spec.http.port) and apps:
+    running = bool(details.get("proxies")) or bool(apps)  # Serve ignores new http_options while it runs
+    if http and running and (http.get("host"), http.get("port")) != (spec.http.host, spec.http.port):
         raise UserError("--port", f"Serve on this cluster already listens on {http.get('host')}:{http.get('port')}",
                         f"use --host {http.get('host')} --port {http.get('port')}")
-    client.deploy_applications({"http_options": {"host": spec.http.host, "port": spec.http.port},
-                                "applications": apps + [app_config(spec)]})
+    apply(client, {"http_options": {"host": spec.http.host, "port": spec.http.port},
+                   "applications": apps + [app_config(spec)]})
+
+
+def apply(client, config: dict) -> None:
+    """PUT a Serve config; Serve's refusal (say, a route prefix another app holds) is the user's to fix."""
+    try:
+        client.deploy_applications(config)
+    except RuntimeError as err:
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UserError("serve config", f"Ray Serve refused it ({last})", "see the Serve tab of the Ray dashboard")
 
 
 def wait_until_running(address: str, name: str, on_change=None, timeout_s: float = DEPLOY_TIMEOUT_S) -> dict:
@@ -144,7 +153,7 @@ def scale(address: str, name: str, replicas: ReplicasSpec) -> None:
     config = apps[name]
     others = [d for d in config.get("deployments", []) if d["name"] != SERVER]
     config["deployments"] = others + [{"name": SERVER, **replica_options(replicas)}]
-    client.deploy_applications(_with_http(details, list(apps.values())))
+    apply(client, _with_http(details, list(apps.values())))
 
 
 def shutdown(address: str, name: str) -> None:
@@ -156,7 +165,7 @@ def shutdown(address: str, name: str) -> None:
         raise UserError(f"serve app {name!r}", "is not deployed on this cluster", "check --name and --address")
     del apps[name]
     if apps:
-        client.deploy_applications(_with_http(details, list(apps.values())))
+        apply(client, _with_http(details, list(apps.values())))
     else:
         client.delete_applications()
 
