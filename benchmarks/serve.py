@@ -7,6 +7,7 @@ Each server runs in its own process, one after the other, and the same client (s
 HTTP, like the openai SDK) drives both:
   vllm     python -m vllm.entrypoints.openai.api_server: vLLM's API server around the same AsyncLLM engine
   genfarm  genfarm serve: Ray Serve proxy -> GenfarmServer replica (auth, limits, metrics) -> AsyncLLM
+  genfarm-direct  the same replica reached on its own port (Serve's direct ingress): no proxy hop
 Time to first token (TTFT) is measured at the client, from sending the request to the first streamed token.
 Throughput counts generated tokens reported by each server's usage (greedy, EOS allowed, so both generate the
 same tokens). Writes benchmarks/results/serve.{json,md,png}.
@@ -128,11 +129,17 @@ def run_system(system: str, model: str, levels: list[int], per_client: int) -> l
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
+        targets = {system: url}
+        if system == "genfarm":  # also straight to the replica's own port (Serve's direct ingress), if it has one
+            direct = httpx.get(f"{url}/health", timeout=30).json().get("direct_url")
+            if direct:
+                targets["genfarm-direct"] = direct
         out = []
-        for level in levels:
-            result = asyncio.run(load(url, level, chats[: level * per_client]))
-            out.append({"system": system, **result})
-            print(json.dumps(out[-1]), flush=True)
+        for name, target in targets.items():
+            for level in levels:
+                result = asyncio.run(load(target, level, chats[: level * per_client]))
+                out.append({"system": name, **result})
+                print(json.dumps(out[-1]), flush=True)
         return out
     finally:
         proc.send_signal(signal.SIGTERM)  # both shut down cleanly on it, engine processes included
@@ -182,13 +189,15 @@ def plot(results: list[dict]) -> None:
 
     levels = sorted({r["concurrency"] for r in results})
     fig, (tput, ttft) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for offset, system in ((-0.2, "vllm"), (0.2, "genfarm")):
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    width = 0.8 / len(systems)
+    for k, system in enumerate(systems):
         mine = {r["concurrency"]: r for r in results if r["system"] == system}
-        x = [i + offset for i in range(len(levels))]
-        tput.bar(x, [mine[c]["tokens_per_s"] for c in levels], width=0.4, label=system)
-        ttft.bar(x, [mine[c]["ttft_median_ms"] for c in levels], width=0.4, label=f"{system} median")
-        ttft.scatter(x, [mine[c]["ttft_p99_ms"] for c in levels], marker="_", s=300, color="black",
-                     label="p99" if system == "genfarm" else None)
+        x = [i - 0.4 + width * (k + 0.5) for i in range(len(levels))]
+        tput.bar(x, [mine[c]["tokens_per_s"] for c in levels], width=width, label=system)
+        ttft.bar(x, [mine[c]["ttft_median_ms"] for c in levels], width=width, label=f"{system} median")
+        ttft.scatter(x, [mine[c]["ttft_p99_ms"] for c in levels], marker="_", s=200, color="black",
+                     label="p99" if k == 0 else None)
     for ax, label in ((tput, "generated tokens/s"), (ttft, "time to first token, ms")):
         ax.set_xticks(range(len(levels)), [f"concurrency {c}" for c in levels])
         ax.set_ylabel(label)

@@ -206,6 +206,16 @@ def test_long_translation_is_segmented_like_batch_documents(service):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "target_language"
 
 
+def test_replica_answers_on_its_own_port_too(service):
+    """Serve's throughput mode gives the replica its own HTTP port: the same API, keys and all, minus the proxy."""
+    direct = httpx.get(f"{service.url}/health").json()["direct_url"]
+    assert direct and direct != service.url
+    assert httpx.get(f"{direct}/v1/models").status_code == 401
+    answer = openai.OpenAI(base_url=f"{direct}/v1", api_key=KEY, max_retries=0).completions.create(
+        model=service.model, prompt="bees", max_tokens=4, temperature=0)
+    assert answer.usage.completion_tokens == 4
+
+
 def test_openapi_describes_every_route(service):
     paths = httpx.get(f"{service.url}/openapi.json").json()["paths"]
     assert {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/articles", "/v1/translations",

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import time
 import uuid
 import weakref
 from contextlib import aclosing
 
+import psutil
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -123,6 +125,18 @@ ERRORS_DOC = {code: {"model": api.ErrorBody} for code in (400, 401, 429, 503, 50
 STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: server-sent events."}
 
 
+# Above GenfarmServer on purpose: Serve copies the class's routes when it is decorated, with the globals known then.
+def direct_url() -> str | None:
+    """This replica's own HTTP address when Ray Serve's direct ingress is on (throughput mode): the same API without
+    the proxy hop, for a client that can pick its replica (no load balancing there)."""
+    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    high = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000"))
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and low <= conn.laddr.port <= high:
+            return f"http://{conn.laddr.ip}:{conn.laddr.port}"
+    return None
+
+
 @serve.deployment(name="GenfarmServer")
 @serve.ingress(app)
 class GenfarmServer:
@@ -162,7 +176,8 @@ class GenfarmServer:
             await self.engine.check_health()
         except Exception as err:  # noqa: BLE001 - any engine failure means unhealthy
             return APIError(503, f"engine unhealthy: {err}", kind="service_unavailable").response()
-        return {"status": "ok", "model": self.spec.model.name, "replica": self.replica}
+        return {"status": "ok", "model": self.spec.model.name, "replica": self.replica,
+                "direct_url": direct_url()}
 
     @app.get("/metrics", summary="Prometheus metrics summed over every replica", response_class=PlainTextResponse)
     async def metrics_page(self):
