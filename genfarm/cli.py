@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
+from genfarm.console import ADDRESS_HELP, err, out
 from genfarm.errors import UserError
 from genfarm.serve.cli import serve_app
 
@@ -29,9 +29,6 @@ cluster_app = typer.Typer(help="See a running Ray cluster: nodes, engines, Serve
                           no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(serve_app, name="serve")
-ADDRESS_HELP = "The cluster's dashboard address (default: $GENFARM_CLUSTER or http://127.0.0.1:8265)."
-out = Console(soft_wrap=True)  # long paths stay on one line for grep and copy-paste
-err = Console(stderr=True, soft_wrap=True)
 
 SET_HELP = "Override a job-file field, e.g. --set sampling.max_tokens=256 --set output.path=out/x (repeatable)."
 

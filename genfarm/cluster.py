@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
@@ -31,14 +32,18 @@ def send_saved_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def job_client(address: str):
+def dashboard_client(address: str, client: str):
+    """A client of the Ray dashboard at `address`; `client` names its class as `module:Class`."""
     send_saved_token()  # before Ray is imported: its token loader reads the mode once
-    from ray.job_submission import JobSubmissionClient
-
+    module, _, name = client.partition(":")
     try:
-        return JobSubmissionClient(address)
+        return getattr(importlib.import_module(module), name)(address)
     except Exception as err:  # noqa: BLE001 - connection problems are the user's to fix
         raise unreachable(address, err) from None
+
+
+def job_client(address: str):
+    return dashboard_client(address, "ray.job_submission:JobSubmissionClient")
 
 
 def unreachable(address: str, err: Exception) -> UserError:

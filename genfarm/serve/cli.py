@@ -8,14 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
+from genfarm.console import ADDRESS_HELP, err, out
 from genfarm.errors import UserError
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-ADDRESS_HELP = "The cluster's dashboard address (default: $GENFARM_CLUSTER or http://127.0.0.1:8265)."
 NAME_HELP = "Serve application name (the serve config's `name`)."
 
 

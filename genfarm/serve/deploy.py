@@ -68,15 +68,9 @@ def app_config(spec: ServeSpec) -> dict:
 
 
 def serve_client(address: str):
-    from genfarm.cluster import send_saved_token, unreachable
+    from genfarm.cluster import dashboard_client
 
-    send_saved_token()  # before Ray is imported: its token loader reads the mode once
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
-    try:
-        return ServeSubmissionClient(address)
-    except Exception as err:  # noqa: BLE001 - connection problems are the user's to fix
-        raise unreachable(address, err) from None
+    return dashboard_client(address, "ray.dashboard.modules.serve.sdk:ServeSubmissionClient")
 
 
 def deploy(spec: ServeSpec, address: str) -> None:
@@ -147,9 +141,7 @@ def scale(address: str, name: str, replicas: ReplicasSpec) -> None:
     """Change the replica count or autoscaling range of a running application in place."""
     client = serve_client(address)
     details = client.get_serve_details()
-    apps = _deployed(details)
-    if name not in apps:
-        raise UserError(f"serve app {name!r}", "is not deployed on this cluster", "check --name and --address")
+    apps = _deployed_with(details, name)
     config = apps[name]
     others = [d for d in config.get("deployments", []) if d["name"] != SERVER]
     config["deployments"] = others + [{"name": SERVER, **replica_options(replicas)}]
@@ -160,9 +152,7 @@ def shutdown(address: str, name: str) -> None:
     """Remove the application (and Serve itself when nothing else runs on it)."""
     client = serve_client(address)
     details = client.get_serve_details()
-    apps = _deployed(details)
-    if name not in apps:
-        raise UserError(f"serve app {name!r}", "is not deployed on this cluster", "check --name and --address")
+    apps = _deployed_with(details, name)
     del apps[name]
     if apps:
         apply(client, _with_http(details, list(apps.values())))
@@ -184,6 +174,14 @@ def _deployed(details: dict) -> dict[str, dict]:
     """Config of every declaratively deployed application, by name."""
     return {name: app["deployed_app_config"] for name, app in (details.get("applications") or {}).items()
             if app.get("deployed_app_config")}
+
+
+def _deployed_with(details: dict, name: str) -> dict[str, dict]:
+    """Every deployed application's config, by name, when `name` is among them."""
+    apps = _deployed(details)
+    if name not in apps:
+        raise UserError(f"serve app {name!r}", "is not deployed on this cluster", "check --name and --address")
+    return apps
 
 
 def _with_http(details: dict, apps: list[dict]) -> dict:

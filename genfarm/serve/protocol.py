@@ -85,6 +85,15 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class GenerationHead(BaseModel):
+    """Fields every OpenAI generation response carries."""
+
+    id: str
+    created: int
+    model: str
+    usage: Usage
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -92,13 +101,9 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(GenerationHead):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage
 
 
 class AssistantMessage(BaseModel):
@@ -113,13 +118,9 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatResponse(BaseModel):
-    id: str
+class ChatResponse(GenerationHead):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
 
 
 class ArticleResponse(BaseModel):
