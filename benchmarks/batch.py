@@ -122,8 +122,11 @@ def run_raydata(model: str, scenario: str, data: list[dict], work: Path) -> dict
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    from genfarm.cluster import use_local_ray_env
+
     spec = SCENARIOS[scenario]
     t0 = time.monotonic()
+    use_local_ray_env()  # the same Ray settings genfarm's local Ray gets (workers at nice 0)
     ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = vLLMEngineProcessorConfig(

@@ -6,8 +6,8 @@
 Each server runs in its own process, one after the other, and the same client (streaming chat completions over
 HTTP, like the openai SDK) drives both:
   vllm     python -m vllm.entrypoints.openai.api_server: vLLM's API server around the same AsyncLLM engine
-  genfarm  genfarm serve: Ray Serve proxy -> GenfarmServer replica (auth, limits, metrics) -> AsyncLLM
-  genfarm-direct  the same replica reached on its own port (Serve's direct ingress): no proxy hop
+  genfarm  genfarm serve: HAProxy ingress -> GenfarmServer replica (auth, limits, metrics) -> AsyncLLM
+  genfarm-direct  the same replica reached on its own port (Serve's direct ingress): no HAProxy hop
 Time to first token (TTFT) is measured at the client, from sending the request to the first streamed token.
 Throughput counts generated tokens reported by each server's usage (greedy, EOS allowed, so both generate the
 same tokens). Writes benchmarks/results/serve.{json,md,png}.
@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,16 +32,13 @@ import yaml
 
 from benchmarks import report as results_files
 from benchmarks.batch import ROOT, messages, rows
+from genfarm.serve.deploy import free_ports
 
 ENGINE = {"max_model_len": 2048, "max_num_seqs": 32, "kv_cache_gib": 1.0}
 MAX_TOKENS = 128
 KEY = "bench"
+MIN_REQUESTS = 16  # per concurrency level, so a median at concurrency 1 is not one of four
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_vllm(model: str, port: int, log) -> subprocess.Popen:
@@ -123,7 +119,7 @@ async def load(url: str, concurrency: int, chats: list[list[dict]]) -> dict:
 
 def run_system(system: str, model: str, levels: list[int], per_client: int) -> list[dict]:
     chats = [messages("articles", r) for r in rows("articles", 256)]
-    port, folder = free_port(), Path(tempfile.mkdtemp(prefix=f"gf-bench-{system}-"))
+    port, folder = free_ports(1)[0], Path(tempfile.mkdtemp(prefix=f"gf-bench-{system}-"))
     log = open(folder / "server.log", "w")
     proc = start_vllm(model, port, log) if system == "vllm" else start_genfarm(model, port, log, folder)
     url = f"http://127.0.0.1:{port}"
@@ -137,7 +133,7 @@ def run_system(system: str, model: str, levels: list[int], per_client: int) -> l
         out = []
         for name, target in targets.items():
             for level in levels:
-                result = asyncio.run(load(target, level, chats[: level * per_client]))
+                result = asyncio.run(load(target, level, chats[: max(level * per_client, MIN_REQUESTS)]))
                 out.append({"system": name, **result})
                 print(json.dumps(out[-1]), flush=True)
         return out
@@ -170,7 +166,8 @@ def report(results: list[dict], per_client: int) -> None:
             "model": "SmolLM2-135M-Instruct (bf16)", "engine": ENGINE, "max_tokens": MAX_TOKENS,
             "sampling": "greedy, EOS allowed, streamed chat completions", "requests_per_client": per_client}
     lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['model']}, {meta['sampling']}, max_tokens "
-             f"{MAX_TOKENS}, max_num_seqs {ENGINE['max_num_seqs']}, {per_client} requests per client.", "",
+             f"{MAX_TOKENS}, max_num_seqs {ENGINE['max_num_seqs']}, {per_client} requests per client "
+             f"(at least {MIN_REQUESTS} per level).", "",
              "| concurrency | system | requests | tokens | tok/s | TTFT median ms | TTFT p99 ms | throughput vs vLLM "
              "| added TTFT median ms | added TTFT p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:

@@ -79,7 +79,7 @@ def test_scripts_parse(script):
 
 def test_rayservice_runs_the_genfarm_serve_app():
     from genfarm.serve.config import ServeSpec
-    from genfarm.serve.deploy import IMPORT_PATH, SERVER, app_config
+    from genfarm.serve.deploy import IMPORT_PATH, SERVE_ENV, SERVER, app_config
 
     doc = load("kuberay/rayservice.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
@@ -103,4 +103,5 @@ def test_rayservice_runs_the_genfarm_serve_app():
     assert any(e["name"] == "GENFARM_API_KEYS" for e in workers["env"])
     head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     for container in (head, workers):  # the mode `genfarm serve` uses locally, on every Serve process
-        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in container["env"]
+        for name, value in SERVE_ENV.items():
+            assert {"name": name, "value": value} in container["env"]

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,12 @@ import openai
 import pytest
 import yaml
 
+from genfarm.serve.deploy import free_ports
+
 KEY = "test-key-1"
 LIMITS = {"max_concurrent": 2, "max_queued": 2, "request_timeout_s": 60}
 LONG = 1500  # tokens: a few seconds of generation for the tiny model, so requests overlap
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def genfarm(*args, timeout=120) -> subprocess.CompletedProcess:
@@ -73,7 +69,7 @@ def service(tiny, tmp_path_factory):
         "api_keys": [KEY],
         "tasks": {"translate": {"source_language": "English"}},
     }))
-    port = free_port()
+    port = free_ports(1)[0]
     log = open(folder / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "genfarm", "serve", config, "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -29,6 +29,7 @@ from genfarm.batch.source import (
     list_inputs,
 )
 from genfarm.batch.store import META, RUN_FILE, OutputStore
+from genfarm.cluster import use_local_ray_env
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
 from genfarm.spec import JobSpec
@@ -85,6 +86,7 @@ def start_ray(job: JobSpec) -> None:
     # A local cluster needs a logical CPU for every engine actor plus one for reading, whatever the cores.
     _, most = job.workers.bounds
     cpus = max(os.cpu_count() or 1, int(most * job.engine.cpus_per_worker) + 1)
+    use_local_ray_env()
     # address="local": a fresh instance, never a `ray start` cluster that happens to run on this machine.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
