@@ -1,10 +1,11 @@
 """genfarm serve vs vLLM's own OpenAI server: the same model, engine settings, prompts and sampling, in one run.
 
-    python -m benchmarks.serve                        # concurrency 1, 8 and 32
-    python -m benchmarks.serve --concurrency 8 --requests-per-client 4
+    python -m benchmarks.serve                        # concurrency 1, 8 and 32, two rounds (~12 min on 2 cores)
+    python -m benchmarks.serve --concurrency 8 --requests-per-client 4 --rounds 1
 
-Each server runs in its own process, one after the other, and the same client (streaming chat completions over
-HTTP, like the openai SDK) drives both:
+Each server runs in its own process, one after the other (each round in turn, the order alternating between
+rounds so drift on a shared machine favours neither; the numbers pool every round), and the same client
+(streaming chat completions over HTTP, like the openai SDK) drives both:
   vllm     python -m vllm.entrypoints.openai.api_server: vLLM's API server around the same AsyncLLM engine
   genfarm  genfarm serve: HAProxy ingress -> GenfarmServer replica (auth, limits, metrics) -> AsyncLLM
   genfarm-direct  the same replica reached on its own port (Serve's direct ingress): no HAProxy hop
@@ -109,12 +110,24 @@ async def load(url: str, concurrency: int, chats: list[list[dict]]) -> dict:
         t0 = time.perf_counter()
         results = [r for part in await asyncio.gather(*(worker() for _ in range(concurrency))) for r in part]
         wall = time.perf_counter() - t0
-    ttfts = sorted(r["ttft_s"] for r in results)
     return {"concurrency": concurrency, "requests": len(results), "wall_s": wall,
-            "tokens": sum(r["tokens"] for r in results),
-            "tokens_per_s": sum(r["tokens"] for r in results) / wall,
-            "ttft_median_ms": statistics.median(ttfts) * 1000,
-            "ttft_p99_ms": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] * 1000}
+            "tokens": sum(r["tokens"] for r in results), "ttfts_ms": [r["ttft_s"] * 1000 for r in results]}
+
+
+def combine(runs: list[dict]) -> list[dict]:
+    """One row per system and concurrency over all rounds: tokens over wall time, TTFT over every request."""
+    rows_by_key: dict[tuple, list[dict]] = {}
+    for run in runs:
+        rows_by_key.setdefault((run["system"], run["concurrency"]), []).append(run)
+    out = []
+    for (system, concurrency), group in rows_by_key.items():
+        ttfts = sorted(t for run in group for t in run["ttfts_ms"])
+        tokens, wall = sum(r["tokens"] for r in group), sum(r["wall_s"] for r in group)
+        out.append({"system": system, "concurrency": concurrency, "rounds": len(group),
+                    "requests": sum(r["requests"] for r in group), "tokens": tokens, "wall_s": wall,
+                    "tokens_per_s": tokens / wall, "ttft_median_ms": statistics.median(ttfts),
+                    "ttft_p99_ms": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]})
+    return out
 
 
 def run_system(system: str, model: str, levels: list[int], per_client: int) -> list[dict]:
@@ -135,7 +148,7 @@ def run_system(system: str, model: str, levels: list[int], per_client: int) -> l
             for level in levels:
                 result = asyncio.run(load(target, level, chats[: max(level * per_client, MIN_REQUESTS)]))
                 out.append({"system": name, **result})
-                print(json.dumps(out[-1]), flush=True)
+                print(json.dumps({k: v for k, v in out[-1].items() if k != "ttfts_ms"}), flush=True)
         return out
     finally:
         proc.send_signal(signal.SIGTERM)  # both shut down cleanly on it, engine processes included
@@ -149,25 +162,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-client", type=int, default=4, help="Requests each client sends in turn.")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="Times each server is started and measured, in alternating order (vLLM first, then "
+                             "genfarm first), so drift on a shared machine does not favour one; results pool all.")
     args = parser.parse_args()
     from genfarm import models
 
     model = models.resolve("smollm2-135m-instruct").path
-    results = []
-    for system in ("vllm", "genfarm"):
-        results += run_system(system, model, args.concurrency, args.requests_per_client)
-    report(results, args.requests_per_client)
+    runs = []
+    for round_no in range(args.rounds):
+        for system in ("vllm", "genfarm") if round_no % 2 == 0 else ("genfarm", "vllm"):
+            runs += [{**run, "round": round_no + 1}
+                     for run in run_system(system, model, args.concurrency, args.requests_per_client)]
+    report(combine(runs), runs, args.requests_per_client)
 
 
-def report(results: list[dict], per_client: int) -> None:
+def report(results: list[dict], runs: list[dict], per_client: int) -> None:
     import platform
 
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
             "model": "SmolLM2-135M-Instruct (bf16)", "engine": ENGINE, "max_tokens": MAX_TOKENS,
-            "sampling": "greedy, EOS allowed, streamed chat completions", "requests_per_client": per_client}
+            "sampling": "greedy, EOS allowed, streamed chat completions", "requests_per_client": per_client,
+            "rounds": max(r["round"] for r in runs)}
     lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['model']}, {meta['sampling']}, max_tokens "
              f"{MAX_TOKENS}, max_num_seqs {ENGINE['max_num_seqs']}, {per_client} requests per client "
-             f"(at least {MIN_REQUESTS} per level).", "",
+             f"(at least {MIN_REQUESTS} per level), "
+             f"{meta['rounds']} rounds pooled.", "",
              "| concurrency | system | requests | tokens | tok/s | TTFT median ms | TTFT p99 ms | throughput vs vLLM "
              "| added TTFT median ms | added TTFT p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -177,7 +197,7 @@ def report(results: list[dict], per_client: int) -> None:
                      f"{r['tokens_per_s']:,.0f} | {r['ttft_median_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
                      f"{ratio:.2f}x | {r['ttft_median_ms'] - base['ttft_median_ms']:+.1f} | "
                      f"{r['ttft_p99_ms'] - base['ttft_p99_ms']:+.1f} |")
-    results_files.write("serve", {"meta": meta, "results": results}, lines)
+    results_files.write("serve", {"meta": meta, "results": results, "runs": runs}, lines)
     plot(results)
 
 

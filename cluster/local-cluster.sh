@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 ray=${RAY:-.venv/bin/ray}
 port=${GENFARM_HEAD_PORT:-6380}
 base=${GENFARM_CLUSTER_DIR:-/tmp/genfarm-cluster}
+# CPU engines are this cluster's work: workers at nice 0, not Ray's 15 (docs/performance.md, "Ray's worker niceness")
+export RAY_worker_niceness=${RAY_worker_niceness:-0}
 case "${1:-}" in
   start)
     workers=${2:-2}; cpus=${3:-2}

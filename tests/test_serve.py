@@ -212,6 +212,20 @@ def test_replica_answers_on_its_own_port_too(service):
     assert answer.usage.completion_tokens == 4
 
 
+def test_haproxy_takes_the_port_and_the_engine_is_not_niced(service):
+    """No Python proxy relays the tokens: HAProxy listens on the service's port. The engine runs at nice 0, not
+    Ray's default 15, so other processes on the machine do not preempt it (docs/performance.md)."""
+    import psutil
+
+    port = int(service.url.rsplit(":", 1)[1])
+    [listener] = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    assert psutil.Process(listener).name() == "haproxy"
+    state = json.loads(genfarm("serve", "status", "--address", service.address, "--json").stdout)
+    replica = psutil.Process(state["replicas"][0]["pid"])
+    engine = replica.children(recursive=True)
+    assert engine and all(p.nice() == 0 for p in [replica, *engine])
+
+
 def test_openapi_describes_every_route(service):
     paths = httpx.get(f"{service.url}/openapi.json").json()["paths"]
     assert {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/articles", "/v1/translations",
