@@ -24,7 +24,6 @@ LIMITS = {"max_concurrent": 2, "max_queued": 2, "request_timeout_s": 60}
 LONG = 1500  # tokens: a few seconds of generation for the tiny model, so requests overlap
 
 
-
 def genfarm(*args, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "genfarm", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
