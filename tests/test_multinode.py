@@ -69,8 +69,9 @@ def test_rows_are_generated_on_both_worker_nodes(tmp_path, tiny):
 def test_node_added_mid_job_gets_an_engine_and_rows(tmp_path, tiny):
     # Engines reserve 2 CPUs: the one worker node fits one engine, the 1-CPU head only read tasks, so a second
     # engine (workers.max) can only start on the node added while the job runs. A new engine takes ~15 s to start
-    # here while the first one generates: 8 sequences at a time and 32 input files keep work queued that long.
-    job = cluster_job(tmp_path, tiny, 1280, shards=32, engine={"cpus_per_worker": 2, "max_num_seqs": 8},
+    # here while the first one generates (slower still when engines run at nice 0 beside it): 8 sequences at a time
+    # and 64 input files keep work queued well beyond that (1280 rows left it none in one run of two).
+    job = cluster_job(tmp_path, tiny, 2560, shards=64, engine={"cpus_per_worker": 2, "max_num_seqs": 8},
                       sampling={"max_tokens": 128}, workers={"count": None, "min": 1, "max": 2, "batch_size": 8})
     result = run_on_cluster(job, {"head_cpus": 1, "nodes": [2], "change": "add", "after_parts": 2})
     change = result["change"]
