@@ -41,7 +41,6 @@ KEY = "bench"
 MIN_REQUESTS = 16  # per concurrency level, so a median at concurrency 1 is not one of four
 
 
-
 def start_vllm(model: str, port: int, log) -> subprocess.Popen:
     return subprocess.Popen([
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",

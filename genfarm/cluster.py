@@ -1,4 +1,5 @@
-"""Operating a running Ray cluster: submit genfarm jobs through Ray's Jobs API, follow them, see what runs where."""
+"""Operating a running Ray cluster: submit genfarm jobs through Ray's Jobs API, follow them, see what runs where;
+and the settings of the Ray genfarm starts for itself on one machine."""
 
 from __future__ import annotations
 

@@ -188,11 +188,12 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports the OS has free now, all different (the probes stay bound until all are taken)."""
+    """Ports the OS has free now on every interface (HAProxy binds its side listeners to all of them), all
+    different (the probes stay bound until all are taken)."""
     with ExitStack() as probes:
         sockets = [probes.enter_context(socket.socket()) for _ in range(count)]
         for probe in sockets:
-            probe.bind(("127.0.0.1", 0))
+            probe.bind(("", 0))
         return [probe.getsockname()[1] for probe in sockets]
 
 
