@@ -23,3 +23,11 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def by_key(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    """Runs grouped by the values of `keys`, in first-seen order: the rounds of one measurement, to be pooled."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[key] for key in keys), []).append(run)
+    return groups

@@ -115,11 +115,8 @@ async def load(url: str, concurrency: int, chats: list[list[dict]]) -> dict:
 
 def combine(runs: list[dict]) -> list[dict]:
     """One row per system and concurrency over all rounds: tokens over wall time, TTFT over every request."""
-    rows_by_key: dict[tuple, list[dict]] = {}
-    for run in runs:
-        rows_by_key.setdefault((run["system"], run["concurrency"]), []).append(run)
     out = []
-    for (system, concurrency), group in rows_by_key.items():
+    for (system, concurrency), group in results_files.by_key(runs, "system", "concurrency").items():
         ttfts = sorted(t for run in group for t in run["ttfts_ms"])
         tokens, wall = sum(r["tokens"] for r in group), sum(r["wall_s"] for r in group)
         out.append({"system": system, "concurrency": concurrency, "rounds": len(group),
