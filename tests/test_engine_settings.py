@@ -3,9 +3,9 @@ produce, which is what Ray and vLLM receive on a GPU cluster."""
 
 from __future__ import annotations
 
-from genfarm.engine import engine_args, use_gpu, worker_resources
+from genfarm.engine import engine_args, to_sampling_params, use_gpu, worker_resources
 from genfarm.models import ResolvedModel
-from genfarm.spec import EngineSpec
+from genfarm.spec import EngineSpec, SamplingSpec
 
 LOCAL = ResolvedModel("m", "/models/m", "local-abc")
 HUB = ResolvedModel("org/model", "org/model", "v1.0")
@@ -38,3 +38,11 @@ def test_fractional_gpus_and_forced_device():
 
 def test_hub_models_pin_their_revision():
     assert engine_args(HUB, EngineSpec(), gpu=True)["revision"] == "v1.0"
+
+
+def test_structured_output_constraint_reaches_sampling_params():
+    from vllm import SamplingParams
+
+    params = to_sampling_params(SamplingParams, SamplingSpec(temperature=0, max_tokens=4), 7, {"choice": ["a", "b"]})
+    assert params.structured_outputs.choice == ["a", "b"] and params.seed == 7
+    assert to_sampling_params(SamplingParams, SamplingSpec(), 7).structured_outputs is None
