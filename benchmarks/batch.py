@@ -64,12 +64,11 @@ def task_config(scenario: str) -> dict:
 
 @functools.cache
 def task(scenario: str):
-    from pydantic import TypeAdapter
+    from genfarm.spec import task_config_class
+    from genfarm.task import make_task
 
-    from genfarm.spec import TaskSpec
-    from genfarm.tasks import make_task
-
-    return make_task(TypeAdapter(TaskSpec).validate_python(task_config(scenario)))
+    config = task_config(scenario)
+    return make_task(task_config_class(config["type"]).model_validate(config))
 
 
 def messages(scenario: str, row: dict) -> list[dict]:

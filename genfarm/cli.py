@@ -63,7 +63,7 @@ def retry_errors(
 ) -> None:
     """Generate a job's error rows again with the job's own settings (the old error rows are kept aside)."""
     from genfarm.batch.job import retry_errors as retry
-    from genfarm.tasks.base import ERROR_TYPES
+    from genfarm.rows import ERROR_TYPES
 
     for kind in types:
         if kind not in ERROR_TYPES:
@@ -104,12 +104,13 @@ def print_documents(counts: dict) -> None:
 @app.command()
 def status(output: str = typer.Argument(..., help="A job's output folder.")) -> None:
     """Show how far a job got: rows committed, errors, and whether it is complete."""
-    from genfarm.batch.store import OutputStore
-    from genfarm.translation.documents import document_counts
+    from genfarm.batch.ledger import SUMMARY, Ledger
+    from genfarm.spec import JobSpec
+    from genfarm.task import make_task
 
-    store = OutputStore(output)
+    store = Ledger(output)
     manifest = store.manifest()
-    summary = store.read_json("_summary.json") or {}
+    summary = store.read_json(SUMMARY) or {}
     counts = store.count()
     n = manifest["spec"]["sampling"]["n"]
     total = summary.get("input_rows")
@@ -120,9 +121,9 @@ def status(output: str = typer.Argument(..., help="A job's output folder.")) -> 
         out.print("complete")
     else:
         out.print("incomplete: run the same `genfarm run` command again to finish")
-    documents = document_counts(store)
-    if documents:
-        print_documents(documents)
+    extra = make_task(JobSpec.model_validate(manifest["spec"]).task).summary(store)
+    if "documents" in extra:
+        print_documents(extra["documents"])
 
 
 @app.command()
@@ -132,16 +133,12 @@ def inspect(
     errors: bool = typer.Option(False, "--errors", help="Show error rows instead of results."),
 ) -> None:
     """Preview a job's results (or errors) as a table."""
-    import pyarrow.dataset as ds
+    from genfarm.batch.ledger import ERRORS, Ledger
 
-    from genfarm.batch.store import ERRORS, OutputStore
-
-    store = OutputStore(output)
-    parts = store.parts(errors=errors)
-    if not parts:
+    table = Ledger(output).read(errors=errors, limit=rows)
+    if table is None:
         what = "error rows" if errors else "results"
         raise UserError("OUTPUT", f"no {what} in {output}", "run a job first, or check the folder")
-    table = ds.dataset(parts, filesystem=store.fs, format="parquet").head(rows)
     columns = (["id", "error_type", "message"] if errors else
                [c for c in ("id", "title", "target_language", "output_text", "finish_reason", "completion_tokens")
                 if c in table.column_names])

@@ -64,7 +64,10 @@ def unreachable(address: str, err: Exception) -> UserError:
 
 
 def package_job(job_file: str, overrides: list[str]) -> tuple[Path, str]:
-    """A folder with the job file and its local input, shipped as the job's working_dir: (folder, entrypoint)."""
+    """A folder with the job file and its local input, shipped as the job's working_dir: (folder, entrypoint).
+    The entrypoint is a shell command on the head, with the PATH its Ray was started with: `python3 -m genfarm`
+    needs genfarm's interpreter on it (Ray's images have theirs; cluster/local-cluster.sh puts its venv's first),
+    not also a `genfarm` script, which `pip install --user` for one leaves in ~/.local/bin."""
     job = load_job(job_file, overrides)  # validate here: a bad job file fails before anything is shipped
     data = apply_overrides(yaml.safe_load(Path(job_file).read_text()) or {}, list(overrides))
     if "://" not in job.output.path and not Path(job.output.path).is_absolute():
@@ -84,10 +87,11 @@ def package_job(job_file: str, overrides: list[str]) -> tuple[Path, str]:
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
         data["input"]["path"] = f"input/{source.name}"
     (folder / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return folder, "genfarm run job.yaml --no-progress"
+    return folder, "python3 -m genfarm run job.yaml --no-progress"
 
 
 def submit(job_file: str, overrides: list[str], address: str) -> str:
+    send_saved_token()  # first: reading the job file can import Ray (task modules), whose token loader reads it once
     folder, entrypoint = package_job(job_file, overrides)
     client = job_client(address)
     deadline = time.monotonic() + AGENT_WAIT_S

@@ -7,21 +7,26 @@ setting that silently does nothing.
 from __future__ import annotations
 
 import difflib
+import importlib
+import importlib.metadata
+import pkgutil
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
+    WrapValidator,
     field_validator,
     model_validator,
 )
 
 from genfarm.errors import UserError
-from genfarm.translation.languages import UnknownLanguage, to_code
 
 
 class Spec(BaseModel):
@@ -37,111 +42,80 @@ class InputSpec(Spec):
     limit: int | None = Field(None, ge=1, description="Only the first N rows of each file (for trying a job out).")
 
 
-class TaskBase(Spec):
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="Task field -> dataset column, e.g. {topic: subject}."
-    )
-    system_prompt: str | None = None
+class TaskConfig(Spec):
+    """The `task:` section of a job file. Each task module subclasses it with `type: Literal["NAME"]` and its own
+    fields; subclassing registers it, so the job spec, its errors and the serve config know every task."""
 
+    type: str
+    menu_order: ClassVar[int] = 100  # where the task is listed in help and errors (built-ins first)
 
-class ArticleTask(TaskBase):
-    type: Literal["article"]
-    audience: str = "a general audience"
-    length: str = "about 300 words"
-    style: str = "clear and informative"
-    language: str = "English"
-
-
-class SegmentSpec(Spec):
-    enabled: bool | Literal["auto"] = Field(
-        "auto", description="Split documents into segments and reassemble them; auto: when target_languages is set."
-    )
-    max_tokens: int | Literal["auto"] = Field(
-        "auto", description="Source tokens per segment (model tokenizer); auto: what fits beside prompt and answer."
-    )
-
-    @field_validator("max_tokens")
     @classmethod
-    def _at_least_eight(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 8:
-            raise ValueError(f"{value} tokens per segment is too few. Fix: use at least 8, or auto")
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        name = cls.task_type()
+        if name is not None:
+            TASK_CONFIGS[name] = cls
+
+    @classmethod
+    def task_type(cls) -> str | None:
+        """The `type:` value this config answers to (None for an abstract base)."""
+        values = get_args(cls.model_fields["type"].annotation)
+        return values[0] if values else None
+
+
+TASK_CONFIGS: dict[str, type[TaskConfig]] = {}
+BUILTIN_TASKS = "genfarm.tasks"  # every module in this package is a task module
+PLUGIN_GROUP = "genfarm.tasks"  # entry points of installed packages that add tasks
+
+
+@cache
+def discover_tasks() -> None:
+    """Import the built-in task modules and those of installed plugin packages, once: importing one registers it."""
+    package = importlib.import_module(BUILTIN_TASKS)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{BUILTIN_TASKS}.{module.name}")
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        entry.load()
+
+
+def task_types() -> list[str]:
+    discover_tasks()
+    return sorted(TASK_CONFIGS, key=lambda name: (TASK_CONFIGS[name].menu_order, name))
+
+
+def task_config_class(name: object) -> type[TaskConfig]:
+    """The config model of task type `name`; an unknown one is a ValueError with the known types as its fix."""
+    discover_tasks()
+    if name is None:
+        raise ValueError(f"task.type is missing. Fix: use one of: {', '.join(task_types())}")
+    if not isinstance(name, str) or name not in TASK_CONFIGS:
+        close = difflib.get_close_matches(str(name), task_types(), n=1)
+        hint = f"did you mean '{close[0]}'? Known types: " if close else "use one of: "
+        raise ValueError(f"unknown task type {name!r}. Fix: {hint}{', '.join(task_types())}")
+    return TASK_CONFIGS[name]
+
+
+def load_plugins(modules: list[str]) -> list[str]:
+    """Import task modules named in a job file or serve config (`plugins:`), which registers their tasks."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - any failure to import is the user's to fix
+            raise ValueError(f"cannot import {name!r} ({type(err).__name__}: {err}). Fix: put the module on "
+                             "PYTHONPATH on every node, or install its package") from None
+    return modules
+
+
+def _as_task_config(value: Any, handler: Any) -> TaskConfig:
+    if isinstance(value, TaskConfig):
         return value
+    if not isinstance(value, dict):
+        raise ValueError(f"task is a mapping with a type, got {value!r}. Fix: write e.g. task: {{type: article}}")
+    return task_config_class(value.get("type")).model_validate(value)
 
 
-class TranslateTask(TaskBase):
-    type: Literal["translate"]
-    source_language: str | None = Field(None, description="Job-wide source language; or a source_language column.")
-    target_language: str | None = Field(None, description="Job-wide target language; or a target_language column.")
-    target_languages: list[str] | None = Field(
-        None, description="BCP 47 codes (de, fr, pt-BR); every document is translated into each of them."
-    )
-    segment: SegmentSpec = SegmentSpec()
-    context: bool = Field(False, description="Show the model the previous segment of the document, for context.")
-    glossary: dict[str, str | dict[str, str]] = Field(
-        default_factory=dict, description="Fixed terms: term -> translation, or term -> {language code: translation}."
-    )
-
-    @field_validator("target_languages")
-    @classmethod
-    def _bcp47_codes(cls, codes: list[str] | None) -> list[str] | None:
-        if codes is None:
-            return None
-        if not codes:
-            raise ValueError("the list is empty. Fix: name at least one target language, e.g. [de, fr]")
-        normalized = [_language_code(code) for code in codes]
-        if len(set(normalized)) < len(normalized):
-            raise ValueError(f"{codes} names a language twice. Fix: list each target language once")
-        return normalized
-
-    @model_validator(mode="after")
-    def _consistent_languages(self) -> TranslateTask:
-        if self.target_languages is not None and self.target_language is not None:
-            raise ValueError("give task.target_language or task.target_languages, not both. Fix: use "
-                             "target_languages: [de, fr] for several")
-        if self.documents and self.source_language is not None:
-            object.__setattr__(self, "source_language", _language_code(self.source_language))
-        for term, translations in self.glossary.items():
-            if isinstance(translations, dict):
-                codes = {_language_code(code): text for code, text in translations.items()}
-                unused = set(codes) - set(self.target_languages or codes)
-                if unused:
-                    raise ValueError(f"glossary term {term!r} has translations into {', '.join(sorted(unused))}, "
-                                     "which is not a target language. Fix: add it to task.target_languages")
-                self.glossary[term] = codes
-        return self
-
-    @property
-    def documents(self) -> bool:
-        """Whether rows are documents to segment, translate per segment and reassemble."""
-        return self.segment.enabled is True or (self.segment.enabled == "auto" and self.target_languages is not None)
-
-
-def _language_code(code: str) -> str:
-    try:
-        return to_code(code)
-    except UnknownLanguage as err:
-        raise ValueError(f"{err}. Fix: use a BCP 47 code such as de, fr, es or pt-BR") from None
-
-
-class Message(Spec):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class TemplateTask(Spec):
-    type: Literal["template"]
-    messages: list[Message] | None = Field(None, description="Chat messages; each content is a Jinja template.")
-    prompt: str | None = Field(None, description="A raw Jinja prompt sent without a chat template.")
-
-    @model_validator(mode="after")
-    def _one_of_messages_or_prompt(self) -> TemplateTask:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("give exactly one of task.messages (chat) or task.prompt (raw text)")
-        return self
-
-
-TaskSpec = Annotated[Union[ArticleTask, TranslateTask, TemplateTask], Field(discriminator="type")]
-TASK_TYPES = {"article": ArticleTask, "translate": TranslateTask, "template": TemplateTask}
+# A job's task: whichever registered config its `type` names, serialized with all of that config's fields.
+TaskSection = Annotated[SerializeAsAny[TaskConfig], WrapValidator(_as_task_config)]
 
 
 class ModelSpec(Spec):
@@ -218,14 +192,21 @@ class OutputSpec(Spec):
 
 
 class JobSpec(Spec):
+    plugins: list[str] = Field(default_factory=list, description="Python modules that add task types (importable "
+                               "on every node); imported before `task` is read.")
     name: str | None = None
     input: InputSpec
-    task: TaskSpec
+    task: TaskSection
     model: ModelSpec = ModelSpec()
     engine: EngineSpec = EngineSpec()
     sampling: SamplingSpec = SamplingSpec()
     workers: WorkersSpec = WorkersSpec()
     output: OutputSpec
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, modules: list[str]) -> list[str]:
+        return load_plugins(modules)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -278,29 +259,23 @@ def validate(model: type[BaseModel], data: Any, source: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise describe_validation_error(model, err, source) from None
+        raise describe_validation_error(model, err, source, data) from None
 
 
-def describe_validation_error(model: type[BaseModel], err: ValidationError, source: str) -> UserError:
+def describe_validation_error(model: type[BaseModel], err: ValidationError, source: str, data: Any = None) -> UserError:
     """Turn pydantic's first complaint into a one-line error with the dotted field name and a fix."""
     first = err.errors(include_url=False)[0]
-    raw_loc = [str(part) for part in first["loc"]]
-    # Discriminated unions put the tag in the path (task.article.length): keep it for hints, drop it from names.
-    loc = [p for i, p in enumerate(raw_loc) if not (i == 1 and raw_loc[0] == "task" and p in TASK_TYPES)]
+    loc = [str(part) for part in first["loc"]]
     field = ".".join(loc) or "(top level)"
     kind, message = first["type"], first["msg"]
     where = f"{source}: {field}"
     if kind == "extra_forbidden":
-        known = _field_names(model, raw_loc[:-1])
+        known = _field_names(model, loc[:-1], data)
         close = difflib.get_close_matches(loc[-1], known, n=1)
         fix = f"did you mean '{close[0]}'?" if close else f"remove it; valid fields here: {', '.join(known)}"
         return UserError(where, "unknown field", fix)
     if kind == "missing":
         return UserError(where, "required field is missing", f"add {field} to the job file or pass --set {field}=...")
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        return UserError(where, f"unknown task type {first.get('input', {}).get('type')!r}" if kind ==
-                         "union_tag_invalid" else "task.type is missing",
-                         f"use one of: {', '.join(TASK_TYPES)}")
     if kind == "value_error":  # a validator's message may carry its own fix after ". Fix: "
         problem, _, fix = message.removeprefix("Value error, ").partition(". Fix: ")
         return UserError(where if loc else source, problem, fix or "see the README's job-file table")
@@ -308,15 +283,30 @@ def describe_validation_error(model: type[BaseModel], err: ValidationError, sour
     return UserError(where, f"{message} (got {got!r})", f"set {field} to a valid value")
 
 
-def _field_names(model: type[BaseModel], loc: list[str]) -> list[str]:
-    """The fields valid at a dotted location, for 'did you mean' hints."""
+def _field_names(model: type[BaseModel], loc: list[str], data: Any) -> list[str]:
+    """The fields valid at a dotted location, for 'did you mean' hints; a task section's fields are those of the
+    task its `type` (or, in a serve config, its name) names."""
     current: Any = model
     for part in loc:
-        if current is TaskSpec:
-            current = TASK_TYPES.get(part)
+        data = data.get(part) if isinstance(data, dict) else None
+        if current is TaskConfig:  # a mapping of task name -> task config (the serve config's tasks)
+            current = TASK_CONFIGS.get(part)
             continue
-        fields = getattr(current, "model_fields", {})
-        if part not in fields:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
             return []
-        current = TaskSpec if part == "task" and current is JobSpec else fields[part].annotation
+        current = _model_in(field.annotation)
+        if current is TaskConfig and isinstance(data, dict) and "type" in data:
+            current = TASK_CONFIGS.get(data["type"])
     return sorted(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model an annotation holds (itself, or inside Annotated, Optional, dict[str, ...])."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(get_args(annotation)):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -14,6 +14,15 @@ import tiny_model  # noqa: E402
 from genfarm.spec import JobSpec  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Every test outside tests/unit runs real Ray and/or the real vLLM engine: mark it e2e (`-m "not e2e"`, or
+    `pytest tests/unit`, runs the fast layer alone)."""
+    unit = Path(__file__).parent / "unit"
+    for item in items:
+        if unit not in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> str:
     return str(tiny_model.build(tmp_path_factory.mktemp("models") / "tiny"))

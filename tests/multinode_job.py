@@ -21,13 +21,13 @@ from ray.cluster_utils import Cluster
 from test_failures import wait_for
 
 from genfarm.batch.job import run_job
-from genfarm.batch.store import OutputStore
+from genfarm.batch.ledger import Ledger
 from genfarm.spec import JobSpec
 
 JOB_TIMEOUT_S = 240  # below the test's subprocess timeout, so a stuck job ends here with a traceback, not a kill
 
 
-def parts_by(store: OutputStore, node_id: str | None) -> int:
+def parts_by(store: Ledger, node_id: str | None) -> int:
     """Committed result parts, all of them or only those an engine on `node_id` wrote."""
     if node_id is None:
         return len(store.parts())
@@ -35,7 +35,7 @@ def parts_by(store: OutputStore, node_id: str | None) -> int:
                for part in store.parts())
 
 
-def change_cluster(cluster: Cluster, workers: list, layout: dict, store: OutputStore, running) -> dict:
+def change_cluster(cluster: Cluster, workers: list, layout: dict, store: Ledger, running) -> dict:
     """Add a worker node once the job has committed `after_parts` parts, or remove the last worker node once its
     engine has committed that many: synchronised on progress, not time, so the change lands mid-job."""
     watched = workers[-1].node_id if layout["change"] == "remove" else None
@@ -68,7 +68,7 @@ def main(job: JobSpec, layout: dict) -> dict:
         running = ThreadPoolExecutor(1).submit(run_job, job, show_progress=False)
         change = None
         if layout.get("change"):
-            change = change_cluster(cluster, workers, layout, OutputStore(job.output.path), running)
+            change = change_cluster(cluster, workers, layout, Ledger(job.output.path), running)
         summary = running.result(timeout=JOB_TIMEOUT_S)
         return {"summary": summary, "worker_nodes": [node.node_id for node in workers], "change": change}
     finally:

@@ -16,26 +16,15 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from genfarm import models
+from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
 from genfarm.batch.progress import JobProgress
-from genfarm.batch.source import (
-    PromptSource,
-    count_rows,
-    count_segment_rows,
-    infer_schema,
-    list_inputs,
-)
-from genfarm.batch.store import META, RUN_FILE, OutputStore
+from genfarm.batch.source import PromptSource, count_work_rows, infer_schema, list_inputs
 from genfarm.cluster import use_local_ray_env
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
 from genfarm.spec import JobSpec
-from genfarm.tasks import make_task
-from genfarm.translation.documents import assemble_documents, document_counts
-from genfarm.translation.rows import DocumentSplitter, document_splitter
+from genfarm.task import Expander, FinishedJob, Task, make_task
 
 
 def fingerprint_parts(job: JobSpec, model: models.ResolvedModel) -> dict:
@@ -53,9 +42,9 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_resume(store: OutputStore, parts: dict, restart: bool) -> dict:
+def check_resume(store: Ledger, parts: dict, restart: bool) -> dict:
     """Load or create the job manifest; refuse to mix outputs of different settings in one folder."""
-    manifest = store.read_json(f"{META}/job.json")
+    manifest = store.read_json(MANIFEST)
     if manifest and restart:
         kept = store.move_aside(_stamp())
         manifest = None
@@ -101,11 +90,12 @@ class Plan:
     files: list
     schema: object
     model: models.ResolvedModel
-    store: OutputStore
+    store: Ledger
     job_id: str
     run_id: str
     total: int
-    splitter: DocumentSplitter | None = None  # documents to segment (translation), else None
+    task: Task
+    expander: Expander | None = None  # turns input rows into several work rows (the task's), else None
 
 
 def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
@@ -118,23 +108,19 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
             raise UserError(f"task.columns ({column})", f"the input has no column {column!r} (columns: "
                             f"{', '.join(schema.names)})", "map it with task.columns: {field: column} or fix input")
     model = models.resolve(job.model.name, job.model.revision)
-    store = OutputStore(job.output.path)
+    expander = task.expander(job, model.path)  # before the output folder is touched: its errors are the user's
+    store = Ledger(job.output.path)
     parts = fingerprint_parts(job, model)
     manifest = check_resume(store, parts, restart)
     job_id = manifest.get("job_id") or f"{job.name or 'job'}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    store.write_json(f"{META}/job.json", {
+    store.write_json(MANIFEST, {
         "job_id": job_id, "fingerprint": fingerprint(parts), "settings": parts, "job_file": job_file,
         "spec": job.model_dump(mode="json"), "created_at": manifest.get("created_at") or _now(),
     })
     run_id = uuid.uuid4().hex
-    # Workers of an earlier run that outlived their driver see a new run id and stop before committing.
-    store.write_json(RUN_FILE, {"run_id": run_id, "started_at": _now()})
-    if job.task.type == "translate" and job.task.documents:
-        splitter = document_splitter(job.task, job.engine, job.sampling, model.path)
-        total = count_segment_rows(fs, files, job.input, splitter)
-    else:
-        splitter, total = None, count_rows(fs, files, job.input.limit)
-    return Plan(job, fs, files, schema, model, store, job_id, run_id, total, splitter)
+    store.start_run(run_id, _now())
+    total = count_work_rows(fs, files, job.input, expander)
+    return Plan(job, fs, files, schema, model, store, job_id, run_id, total, task, expander)
 
 
 def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job_file: str = "") -> dict:
@@ -151,16 +137,15 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
             generate_pass(plan, progress, batch_size=1, retries=0)
         if missing(plan):
             record_pass(plan, progress)
-    if plan.splitter is not None:
-        assemble_documents(job.output.path, plan.fs, plan.files, job.input, plan.splitter, plan.job_id)
-    summary = summarize(plan.store, job, plan.job_id, plan.total, time.monotonic() - started, progress.tokens)
-    plan.store.write_json("_summary.json", summary)
+    plan.task.finish(FinishedJob(job.output.path, plan.fs, plan.files, job.input, plan.expander, plan.job_id))
+    summary = summarize(plan, time.monotonic() - started, progress.tokens)
+    plan.store.write_json(SUMMARY, summary)
     return summary
 
 
 def retry_errors(output: str, types: list[str] | None, show_progress: bool = True) -> dict:
     """Generate the error rows of a job again (all, or those of some types), with the job's own settings."""
-    store = OutputStore(output)
+    store = Ledger(output)
     manifest = store.manifest()
     job = JobSpec.model_validate(manifest["spec"])
     list_inputs(job.input)  # the input must still be there before any error row is taken back
@@ -180,7 +165,7 @@ def source(plan: Plan):
     import ray
 
     return ray.data.read_datasource(PromptSource(plan.fs, plan.files, plan.schema, plan.job.input,
-                                                 plan.job.output.path, splitter=plan.splitter))
+                                                 plan.job.output.path, expander=plan.expander))
 
 
 def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: int) -> None:
@@ -233,31 +218,26 @@ def consume(dataset, progress: JobProgress) -> None:
                         sum(stats["errors"].to_pylist()))
 
 
-def summarize(store: OutputStore, job: JobSpec, job_id: str, total: int, seconds: float, run_tokens: int) -> dict:
-    """Counts over every committed part (this run and earlier ones), timing of this run."""
+def summarize(plan: Plan, seconds: float, run_tokens: int) -> dict:
+    """Counts over every committed part (this run and earlier ones), timing of this run, and the task's own."""
+    store, n = plan.store, plan.job.sampling.n
     counts = store.count()
-    error_types: dict[str, int] = {}
-    for part in store.parts(errors=True):
-        column = pq.read_table(part, columns=["error_type"], filesystem=store.fs).column("error_type")
-        for item in pc.value_counts(column).to_pylist():
-            error_types[item["values"]] = error_types.get(item["values"], 0) + item["counts"]
-    completed = counts.results // job.sampling.n
-    documents = document_counts(store)
+    completed = counts.results // n
     return {
-        "job_id": job_id,
-        "status": "complete" if completed + counts.errors >= total else "incomplete",
-        "input_rows": total,
+        "job_id": plan.job_id,
+        "status": "complete" if completed + counts.errors >= plan.total else "incomplete",
+        "input_rows": plan.total,
         "completed_rows": completed,
         "error_rows": counts.errors,
         "samples": counts.results,
-        "errors_by_type": error_types,
-        "prompt_tokens": store.column_sum("prompt_tokens") // job.sampling.n,  # each sample row repeats it
+        "errors_by_type": store.value_counts("error_type", errors=True),
+        "prompt_tokens": store.column_sum("prompt_tokens") // n,  # each sample row repeats it
         "completion_tokens": store.column_sum("completion_tokens"),
         "run_seconds": round(seconds, 2),
         "run_completion_tokens": run_tokens,
         "run_tokens_per_second": round(run_tokens / seconds, 1) if seconds else 0.0,
         "output": store.uri,
-        **({"documents": documents} if documents else {}),
+        **plan.task.summary(store),
         "finished_at": _now(),
     }
 

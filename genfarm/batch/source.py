@@ -2,7 +2,8 @@
 
 Each row gets a stable id (the id column, or FILE:ROW_NUMBER) and the read task drops rows that a committed part
 already holds, so resuming never loads the ledger into the driver. Rows that cannot even be parsed are passed on
-with `_gf_error` set, to be written as error rows by the worker instead of stopping the job.
+with `_gf_error` set, to be written as error rows by the worker instead of stopping the job. A task with an expander
+(genfarm.task.Expander) turns each input row into its work rows here, in the read task.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from genfarm.batch.store import OutputStore, open_fs, source_key
+from genfarm.batch.ledger import Ledger, source_key
 from genfarm.errors import UserError
 from genfarm.spec import InputSpec
-from genfarm.translation.rows import SEGMENT_TYPE, DocumentSplitter
+from genfarm.storage import open_fs
+from genfarm.task import Expander
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
            ".csv": "csv"}
-META_COLUMNS = ["_gf_id", "_gf_source", "_gf_row", "_gf_error", "_gf_raw", "_gf_segment"]
+META_COLUMNS = ["_gf_id", "_gf_source", "_gf_row", "_gf_error", "_gf_raw", "_gf_task"]
 META_SCHEMA = pa.schema([("_gf_id", pa.string()), ("_gf_source", pa.string()), ("_gf_row", pa.int64()),
                          ("_gf_error", pa.string()), ("_gf_raw", pa.string()),
-                         ("_gf_segment", SEGMENT_TYPE)])  # set on segment rows of documents (translation)
+                         ("_gf_task", pa.string())])  # the task's own data of a work row (JSON), set by its expander
 SCHEMA_SAMPLE_ROWS = 1000
 
 
@@ -189,19 +191,20 @@ def count_rows(fs: pafs.FileSystem, files: list[InputFile], limit: int | None) -
     return total
 
 
-def count_segment_rows(fs: pafs.FileSystem, files: list[InputFile], spec: InputSpec,
-                       splitter: DocumentSplitter) -> int:
-    """Rows a document job will commit: segment rows per document and target language, one per bad row.
-    Streams and segments every document once (tokenizing is cheap beside translating)."""
-    return sum(1 for file in files for _ in source_rows(fs, file, spec, splitter))
+def count_work_rows(fs: pafs.FileSystem, files: list[InputFile], spec: InputSpec, expander: Expander | None) -> int:
+    """Rows the job will commit: input rows, or with an expander its work rows (one per bad row). Expanding streams
+    every row once, which is cheap beside generating (a document's segmenting is one tokenizer pass)."""
+    if expander is None:
+        return count_rows(fs, files, spec.limit)
+    return sum(1 for file in files for _ in source_rows(fs, file, spec, expander))
 
 
 class PromptSource(Datasource):
     def __init__(self, fs, files: list[InputFile], schema: pa.Schema, spec: InputSpec, output: str,
-                 block_rows: int = 256, splitter: DocumentSplitter | None = None):
+                 block_rows: int = 256, expander: Expander | None = None):
         super().__init__()
         self.fs, self.files, self.schema, self.spec = fs, files, schema, spec
-        self.output, self.block_rows, self.splitter = output, block_rows, splitter
+        self.output, self.block_rows, self.expander = output, block_rows, expander
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(f.size for f in self.files)
@@ -210,7 +213,7 @@ class PromptSource(Datasource):
         return [
             ReadTask(
                 partial(read_blocks, self.fs, file, self.schema, self.spec, self.output, self.block_rows,
-                        self.splitter),
+                        self.expander),
                 BlockMetadata(num_rows=None, size_bytes=file.size, input_files=[file.path], exec_stats=None),
                 schema=pa.unify_schemas([META_SCHEMA, self.schema]),
             )
@@ -219,10 +222,10 @@ class PromptSource(Datasource):
 
 
 def read_blocks(fs, file: InputFile, schema: pa.Schema, spec: InputSpec, output: str, block_rows: int,
-                splitter: DocumentSplitter | None = None):
-    done = OutputStore(output).done_ids(file.key)
+                expander: Expander | None = None):
+    done = Ledger(output).done_ids(file.key)
     pending: list[dict] = []
-    for row in source_rows(fs, file, spec, splitter):
+    for row in source_rows(fs, file, spec, expander):
         if row["_gf_id"] in done:
             continue
         pending.append(row)
@@ -233,8 +236,8 @@ def read_blocks(fs, file: InputFile, schema: pa.Schema, spec: InputSpec, output:
         yield to_block(pending, schema)
 
 
-def source_rows(fs, file: InputFile, spec: InputSpec, splitter: DocumentSplitter | None = None) -> Iterator[dict]:
-    """Every row of a file in order, with its id and meta columns; with a splitter, documents become segment rows."""
+def source_rows(fs, file: InputFile, spec: InputSpec, expander: Expander | None = None) -> Iterator[dict]:
+    """Every row of a file in order, with its id and meta columns; an expander turns each into its work rows."""
     seen: set[str] = set()
     for number, (row, error, raw) in enumerate(read_rows(fs, file)):
         if spec.limit and number >= spec.limit:
@@ -249,11 +252,11 @@ def source_rows(fs, file: InputFile, spec: InputSpec, splitter: DocumentSplitter
                     error, raw, row = f"duplicate_id: id {row_id!r} appears twice in {file.name}", _dump(row), None
                 seen.add(row_id)
         meta = {"_gf_id": row_id, "_gf_source": file.name, "_gf_row": number, "_gf_error": error, "_gf_raw": raw,
-                "_gf_segment": None}
-        if splitter is None:
+                "_gf_task": None}
+        if expander is None:
             yield {**(row or {}), **meta}
         else:
-            yield from splitter.expand({**(row or {}), **meta})
+            yield from expander.expand({**(row or {}), **meta})
 
 
 def to_block(rows: list[dict], schema: pa.Schema) -> pa.Table:

@@ -13,13 +13,13 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from genfarm.batch.ledger import Ledger, part_name, source_key
 from genfarm.batch.source import META_COLUMNS
-from genfarm.batch.store import RUN_FILE, OutputStore, part_name, source_key
 from genfarm.engine import Engine, EngineDead, PromptTooLong
 from genfarm.models import ResolvedModel
-from genfarm.spec import JobSpec
-from genfarm.tasks import make_task
-from genfarm.tasks.base import RowError
+from genfarm.rows import RowError
+from genfarm.spec import JobSpec, SamplingSpec
+from genfarm.task import RowSampling, make_task
 
 ERROR_SCHEMA = pa.schema([
     ("id", pa.string()), ("error_type", pa.string()), ("message", pa.string()), ("input", pa.string()),
@@ -43,18 +43,24 @@ PROVENANCE_FIELDS = [
 ]
 
 
-def output_schema(input_schema: pa.Schema, extra_columns: tuple[str, ...],
-                  extra_types: dict[str, pa.DataType] | None = None) -> tuple[pa.Schema, dict[str, str]]:
-    """Result columns, and how input columns are renamed where they collide with genfarm's own. Task columns are
-    text unless the task gives their type in `extra_types`."""
-    own = {"id", *extra_columns, *(n for n, _ in GENERATED_FIELDS), *(n for n, _ in PROVENANCE_FIELDS)}
+def output_schema(input_schema: pa.Schema, task_columns: dict[str, pa.DataType]) -> tuple[pa.Schema, dict[str, str]]:
+    """Result columns, and how input columns are renamed where they collide with genfarm's own or the task's."""
+    own = {"id", *task_columns, *(n for n, _ in GENERATED_FIELDS), *(n for n, _ in PROVENANCE_FIELDS)}
     rename = {f.name: (f"input_{f.name}" if f.name in own else f.name) for f in input_schema}
     fields = [pa.field("id", pa.string())]
     fields += [pa.field(rename[f.name], f.type) for f in input_schema]
     fields += [pa.field(n, t) for n, t in GENERATED_FIELDS]
-    fields += [pa.field(n, (extra_types or {}).get(n, pa.string())) for n in extra_columns]
+    fields += [pa.field(n, t) for n, t in task_columns.items()]
     fields += [pa.field(n, t) for n, t in PROVENANCE_FIELDS]
     return pa.schema(fields), rename
+
+
+def row_sampling(base: SamplingSpec, wanted: RowSampling | None) -> tuple[SamplingSpec, dict | None]:
+    """The job's sampling with a task's changes for one row, and the row's structured-output constraint."""
+    if wanted is None:
+        return base, None
+    changes = {"max_tokens": wanted.max_tokens, "stop": list(wanted.stop) if wanted.stop is not None else None}
+    return base.model_copy(update={k: v for k, v in changes.items() if v is not None}), wanted.structured
 
 
 def row_seed(base: int | None, row_id: str) -> int | None:
@@ -70,75 +76,85 @@ def now() -> datetime:
 
 class GenerateWorker:
     def __init__(self, job: JobSpec, model: ResolvedModel, gpu: bool, input_schema: pa.Schema, job_id: str,
-                 run_id: str):
+                 run_id: str, engine=None):
+        """`engine` replaces the vLLM engine only in genfarm's plumbing tests (an echo engine, named as such)."""
         import ray
 
         self.job, self.model, self.job_id, self.run_id = job, model, job_id, run_id
         self.task = make_task(job.task)
-        self.store = OutputStore(job.output.path)
-        self.schema, self.rename = output_schema(input_schema, self.task.extra_columns,
-                                                 getattr(self.task, "column_types", None))
-        context = ray.get_runtime_context()
-        self.node_id, self.worker_id = context.get_node_id(), context.get_actor_id() or "driver"
-        self.engine = Engine(model, job.engine, gpu)
-        sampling = job.sampling
-        self.sampling_base = {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                              "max_tokens": sampling.max_tokens, "n": sampling.n, "stop": list(sampling.stop)}
+        self.ledger = Ledger(job.output.path)
+        self.schema, self.rename = output_schema(input_schema, self.task.output_schema())
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            self.node_id, self.worker_id = context.get_node_id(), context.get_actor_id() or "driver"
+        else:
+            self.node_id, self.worker_id = "local", "driver"
+        self.engine = engine or Engine(model, job.engine, gpu)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = now()
         rows = batch.to_pylist()
         errors: list[dict] = []
-        ready: list[tuple[dict, str, list[int]]] = []
+        ready: list[tuple[dict, str, list[int], SamplingSpec, dict | None]] = []
         for row in rows:
             try:
                 if row["_gf_error"]:
-                    kind, _, message = row["_gf_error"].partition(": ")
-                    raise RowError(kind, message)
+                    raise RowError.parse(row["_gf_error"])
                 prompt = self.task.prompt(row)
+                sampling, structured = row_sampling(self.job.sampling, self.task.sampling(row))
                 text = self.engine.render(prompt.messages, prompt.text)
-                ready.append((row, text, self.engine.encode(text, self.job.sampling.max_tokens)))
+                ready.append((row, text, self.engine.encode(text, sampling.max_tokens), sampling, structured))
             except RowError as err:
                 errors.append(self._error(row, err.kind, err.message))
             except PromptTooLong as err:
                 errors.append(self._error(row, "prompt_too_long", str(err)))
-        seeds = [row_seed(self.job.sampling.seed, row["_gf_id"]) for row, _, _ in ready]
+        seeds = [row_seed(self.job.sampling.seed, item[0]["_gf_id"]) for item in ready]
         try:
-            generations = self.engine.generate([ids for _, _, ids in ready], [self.job.sampling] * len(ready), seeds)
+            generations = self.engine.generate([item[2] for item in ready], [item[3] for item in ready], seeds,
+                                               [item[4] for item in ready])
         except EngineDead:
             # Replace the engine the only safe way: let this actor die so Ray restarts it with a fresh one and
             # retries the batch there (bounded by workers.max_retries).
             os._exit(1)
         finished = now()
         results: list[dict] = []
-        for (row, text, _), seed, gen in zip(ready, seeds, generations):
+        for (row, text, _, sampling, _), seed, gen in zip(ready, seeds, generations):
             if isinstance(gen, TimeoutError):
                 errors.append(self._error(row, "timeout", str(gen)))
                 continue
             if isinstance(gen, Exception):
                 errors.append(self._error(row, "engine_error", f"{type(gen).__name__}: {gen}"))
                 continue
-            for completion in gen.completions:
-                results.append(self._result(row, text, gen.prompt_tokens, completion, seed, started, finished))
+            try:
+                samples = [(completion, self.task.parse(row, completion.text)) for completion in gen.completions]
+            except RowError as err:
+                errors.append(self._error(row, err.kind, err.message))
+                continue
+            for completion, columns in samples:
+                results.append(self._result(row, text, gen.prompt_tokens, completion, columns, sampling, seed,
+                                            started, finished))
         self._check_run()
-        commit(self.store, rows, results, errors, self.schema)
+        commit(self.ledger, rows, results, errors, self.schema)
         return stats_row(len(rows), results, errors)
 
     def _check_run(self) -> None:
         """A worker that outlived its driver must not commit beside the rows of a newer run: it stops here."""
-        current = (self.store.read_json(RUN_FILE) or {}).get("run_id")
+        current = self.ledger.current_run()
         if current != self.run_id:
-            raise RuntimeError(f"a newer run ({current}) of this job owns {self.store.uri}; this worker stops")
+            raise RuntimeError(f"a newer run ({current}) of this job owns {self.ledger.uri}; this worker stops")
 
-    def _result(self, row, prompt_text, prompt_tokens, completion, seed, started, finished) -> dict:
+    def _result(self, row, prompt_text, prompt_tokens, completion, columns, sampling, seed, started,
+                finished) -> dict:
         out = {"id": row["_gf_id"]}
         out.update({self.rename[k]: v for k, v in row.items() if k not in META_COLUMNS})
-        out.update(self.task.columns(row, completion.text))
+        out.update(columns)
         out.update({
             "prompt": prompt_text, "output_text": completion.text, "sample_index": completion.index,
             "finish_reason": completion.finish_reason, "prompt_tokens": prompt_tokens,
             "completion_tokens": completion.completion_tokens, "model": self.model.name,
-            "model_revision": self.model.revision, "sampling": {**self.sampling_base, "seed": seed},
+            "model_revision": self.model.revision,
+            "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                         "max_tokens": sampling.max_tokens, "n": sampling.n, "seed": seed, "stop": list(sampling.stop)},
             "job_id": self.job_id, "worker_id": self.worker_id, "node_id": self.node_id,
             "source_file": row["_gf_source"], "source_row": row["_gf_row"],
             "started_at": started, "finished_at": finished,
@@ -159,7 +175,7 @@ def error_row(row: dict, kind: str, message: str, job_id: str, worker_id: str, n
     }
 
 
-def commit(store: OutputStore, rows: list[dict], results: list[dict], errors: list[dict], schema: pa.Schema) -> None:
+def commit(ledger: Ledger, rows: list[dict], results: list[dict], errors: list[dict], schema: pa.Schema) -> None:
     """One part per input file in this batch (part names carry the file's key), errors before results."""
     by_source: dict[str, list[dict]] = {}
     for row in rows:
@@ -170,9 +186,9 @@ def commit(store: OutputStore, rows: list[dict], results: list[dict], errors: li
         source_errors = [e for e in errors if e["source_file"] == source]
         source_results = [r for r in results if r["source_file"] == source]
         if source_errors:
-            store.commit(pa.Table.from_pylist(source_errors, schema=ERROR_SCHEMA), name, errors=True)
+            ledger.commit(pa.Table.from_pylist(source_errors, schema=ERROR_SCHEMA), name, errors=True)
         if source_results:
-            store.commit(pa.Table.from_pylist(source_results, schema=schema), name)
+            ledger.commit(pa.Table.from_pylist(source_results, schema=schema), name)
 
 
 def stats_row(rows: int, results: list[dict], errors: list[dict]) -> pa.Table:
@@ -192,5 +208,5 @@ def record_failures(batch: pa.Table, output: str, job_id: str) -> pa.Table:
     message = "the engine actor died on this row on every try (see workers.max_retries)"
     errors = [error_row(row, *(row["_gf_error"].split(": ", 1) if row["_gf_error"] else ("engine_error", message)),
                         job_id, "", node_id) for row in rows]
-    commit(OutputStore(output), rows, [], errors, ERROR_SCHEMA)
+    commit(Ledger(output), rows, [], errors, ERROR_SCHEMA)
     return stats_row(len(rows), [], errors)

@@ -11,20 +11,21 @@ import os
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from genfarm.spec import (
-    ArticleTask,
     EngineSpec,
     ModelSpec,
     SamplingSpec,
     ScaleRange,
     Spec,
-    TranslateTask,
+    TaskSection,
     apply_overrides,
+    load_plugins,
     load_spec,
     validate,
 )
+from genfarm.task import task_classes
 
 API_KEYS_ENV = "GENFARM_API_KEYS"
 HASH_PREFIX = "sha256:"
@@ -53,23 +54,20 @@ class HttpSpec(Spec):
     port: int = Field(8000, ge=1, le=65535)
 
 
-class TasksSpec(Spec):
-    """Defaults of the task endpoints (/v1/articles, /v1/translations); requests may override the fields."""
-
-    article: ArticleTask = ArticleTask(type="article")
-    translate: TranslateTask = TranslateTask(type="translate")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _types_implied(cls, data):
-        """Here the section names the task, so `type:` may be left out."""
-        if isinstance(data, dict):
-            data = {name: {"type": name, **value} if isinstance(value, dict) else value for name, value in
-                    data.items()}
-        return data
+def task_defaults(configured: object) -> object:
+    """The serve config's `tasks`: every task with an HTTP route, at its defaults, with the config's sections over
+    them. There the section names the task, so `type:` may be left out."""
+    if not isinstance(configured, dict):
+        return configured
+    tasks = {name: {"type": name} for name, task in task_classes().items() if task.route is not None}
+    for name, section in configured.items():
+        tasks[name] = {"type": name, **section} if isinstance(section, dict) else section
+    return tasks
 
 
 class ServeSpec(Spec):
+    plugins: list[str] = Field(default_factory=list, description="Python modules that add tasks (importable on "
+                               "every node); their routes are served too.")
     name: str = Field("genfarm", description="Ray Serve application name.")
     model: ModelSpec = ModelSpec()
     engine: EngineSpec = EngineSpec()
@@ -83,7 +81,20 @@ class ServeSpec(Spec):
     api_keys: list[str] = Field(
         default_factory=list, description=f"Accepted API keys (also ${API_KEYS_ENV}, comma-separated); none: open."
     )
-    tasks: TasksSpec = TasksSpec()
+    tasks: dict[str, TaskSection] = Field(
+        default_factory=dict, validate_default=True,
+        description="Defaults of the task endpoints (/v1/articles, /v1/translations, ...); requests may override "
+        "the fields.")
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, modules: list[str]) -> list[str]:
+        return load_plugins(modules)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _with_defaults(cls, configured: object) -> object:
+        return task_defaults(configured)
 
     @model_validator(mode="after")
     def _usable_keys(self) -> ServeSpec:

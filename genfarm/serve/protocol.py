@@ -1,4 +1,5 @@
-"""Request and response bodies of the HTTP API: the OpenAI subset genfarm serves, and the task endpoints.
+"""Request and response bodies of the HTTP API: the OpenAI subset genfarm serves, and what task endpoints share
+(each task module declares its own request and response).
 
 Requests forbid unknown fields, so an unsupported OpenAI parameter is a 400 that names it rather than a setting that
 silently does nothing.
@@ -61,24 +62,6 @@ class CompletionRequest(SamplingParams):
     echo: bool = False
 
 
-class ArticleRequest(SamplingParams):
-    topic: str = Field(min_length=1)
-    audience: str | None = None
-    length: str | None = None
-    style: str | None = None
-    language: str | None = None
-    model: str | None = None
-
-
-class TranslationRequest(SamplingParams):
-    text: str = Field(min_length=1, description="Plain text or Markdown; long texts are translated in segments, "
-                      "code blocks, inline code and URLs are kept as they are.")
-    source_language: str | None = Field(None, description="BCP 47 code or English name (fr, pt-BR, French); "
-                                        "default: the serve config's tasks.translate.")
-    target_language: str | None = Field(None, description="BCP 47 code or English name.")
-    model: str | None = None
-
-
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -121,29 +104,6 @@ class ChatChoice(BaseModel):
 class ChatResponse(GenerationHead):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
-
-
-class ArticleResponse(BaseModel):
-    id: str
-    object: Literal["article"] = "article"
-    model: str
-    topic: str
-    title: str = Field(description="The first line of the article when it is a title, else empty.")
-    text: str
-    finish_reason: str | None
-    usage: Usage
-
-
-class TranslationResponse(BaseModel):
-    id: str
-    object: Literal["translation"] = "translation"
-    model: str
-    source_language: str
-    target_language: str
-    text: str
-    segments: int = Field(description="Pieces sent to the model (long texts are split to fit it; code is not sent).")
-    finish_reason: str | None
-    usage: Usage
 
 
 class ModelCard(BaseModel):

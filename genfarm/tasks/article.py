@@ -3,38 +3,70 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
-from genfarm.spec import ArticleTask
-from genfarm.tasks.base import Prompt, chat, text_field
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from genfarm.rows import Prompt, chat, text_field
+from genfarm.serve.protocol import SamplingParams, Usage
+from genfarm.task import MappedTaskConfig, Route, Task
 
 SYSTEM = "You are an expert writer. You write complete, accurate, well-structured articles."
 OPTIONAL = ("audience", "length", "style", "language")
+MAX_TITLE_CHARS = 150
 
 
-class Article:
-    extra_columns: tuple[str, ...] = ("title",)
+class ArticleConfig(MappedTaskConfig):
+    type: Literal["article"]
+    menu_order = 10
+    audience: str = "a general audience"
+    length: str = "about 300 words"
+    style: str = "clear and informative"
+    language: str = "English"
 
-    def __init__(self, spec: ArticleTask):
-        self.spec = spec
+
+class ArticleRequest(SamplingParams):
+    topic: str = Field(min_length=1)
+    audience: str | None = None
+    length: str | None = None
+    style: str | None = None
+    language: str | None = None
+    model: str | None = None
+
+
+class ArticleResponse(BaseModel):
+    id: str
+    object: Literal["article"] = "article"
+    model: str
+    topic: str
+    title: str = Field(description="The first line of the article when it is a title, else empty.")
+    text: str
+    finish_reason: str | None
+    usage: Usage
+
+
+class Article(Task):
+    Config = ArticleConfig
+    route = Route("/v1/articles", ArticleRequest, ArticleResponse,
+                  "Write an article about a topic (the batch `article` task)")
+    output_columns = {"title": pa.string()}
 
     def required_columns(self) -> list[str]:
-        return [self.spec.columns.get("topic", "topic")]
+        return [self.config.columns.get("topic", "topic")]
 
     def prompt(self, row: dict) -> Prompt:
-        topic = text_field(row, "topic", self.spec.columns)
-        opts = {name: text_field(row, name, self.spec.columns, getattr(self.spec, name)) for name in OPTIONAL}
+        topic = text_field(row, "topic", self.config.columns)
+        opts = {name: text_field(row, name, self.config.columns, getattr(self.config, name)) for name in OPTIONAL}
         user = (
             f"Write a complete article about {topic} for {opts['audience']}. "
             f"Length: {opts['length']}. Style: {opts['style']}. Write it in {opts['language']}. "
             "Put the title on the first line, then the article."
         )
-        return chat(self.spec.system_prompt or SYSTEM, user)
+        return chat(self.config.system_prompt or SYSTEM, user)
 
-    def columns(self, row: dict, text: str) -> dict:
+    def parse(self, row: dict, text: str) -> dict:
         return {"title": extract_title(text)}
-
-
-MAX_TITLE_CHARS = 150
 
 
 def extract_title(text: str) -> str:

@@ -2,30 +2,52 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jinja2
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
+from pydantic import Field, model_validator
 
 from genfarm.errors import UserError
-from genfarm.spec import TemplateTask
-from genfarm.tasks.base import Prompt, RowError
+from genfarm.rows import Prompt, RowError
+from genfarm.spec import Spec, TaskConfig
+from genfarm.task import Task
 
 # Sandboxed: templates come from job files; StrictUndefined: a missing column is an error, not an empty string.
 ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
-class Template:
-    extra_columns: tuple[str, ...] = ()
+class Message(Spec):
+    role: Literal["system", "user", "assistant"]
+    content: str
 
-    def __init__(self, spec: TemplateTask):
-        self.spec = spec
-        sources = [m.content for m in spec.messages] if spec.messages else [spec.prompt]
+
+class TemplateConfig(TaskConfig):
+    type: Literal["template"]
+    menu_order = 30
+    messages: list[Message] | None = Field(None, description="Chat messages; each content is a Jinja template.")
+    prompt: str | None = Field(None, description="A raw Jinja prompt sent without a chat template.")
+
+    @model_validator(mode="after")
+    def _one_of_messages_or_prompt(self) -> TemplateConfig:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of task.messages (chat) or task.prompt (raw text)")
+        return self
+
+
+class Template(Task):
+    Config = TemplateConfig
+
+    def __init__(self, config: TemplateConfig):
+        super().__init__(config)
+        sources = [m.content for m in config.messages] if config.messages else [config.prompt]
         self.templates = [compile_template(src, field) for src, field in zip(sources, self._fields())]
         self.variables = sorted(set().union(*(meta.find_undeclared_variables(ENV.parse(s)) for s in sources)))
 
     def _fields(self) -> list[str]:
-        if self.spec.messages:
-            return [f"task.messages[{i}].content" for i in range(len(self.spec.messages))]
+        if self.config.messages:
+            return [f"task.messages[{i}].content" for i in range(len(self.config.messages))]
         return ["task.prompt"]
 
     def required_columns(self) -> list[str]:
@@ -35,12 +57,9 @@ class Template:
         rendered = [render(t, row) for t in self.templates]
         if not any(r.strip() for r in rendered):
             raise RowError("empty_prompt", "the template rendered to empty text")
-        if self.spec.prompt is not None:
+        if self.config.prompt is not None:
             return Prompt(text=rendered[0])
-        return Prompt(messages=[{"role": m.role, "content": r} for m, r in zip(self.spec.messages, rendered)])
-
-    def columns(self, row: dict, text: str) -> dict:
-        return {}
+        return Prompt(messages=[{"role": m.role, "content": r} for m, r in zip(self.config.messages, rendered)])
 
 
 def compile_template(source: str, field: str) -> jinja2.Template:

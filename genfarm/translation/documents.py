@@ -9,8 +9,6 @@ errors; re-running the job (resume, retry-errors) regenerates what is missing an
 
 from __future__ import annotations
 
-import os
-import uuid
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -18,12 +16,15 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from genfarm.batch.ledger import Ledger
 from genfarm.batch.source import InputFile, source_rows
-from genfarm.batch.store import DOCUMENTS, META, OutputStore
+from genfarm.rows import RowError
 from genfarm.spec import InputSpec
-from genfarm.tasks.base import RowError
+from genfarm.storage import atomic_path
 from genfarm.translation.assemble import reassemble
-from genfarm.translation.rows import DocumentSplitter, segment_id
+from genfarm.translation.splitter import DocumentSplitter, segment_id
+
+DOCUMENTS = "_documents"  # reassembled translations; "_": pandas.read_parquet(OUTPUT) reads result rows only
 
 DOCUMENT_SCHEMA = pa.schema([
     ("document_id", pa.string()), ("source_file", pa.string()), ("source_language", pa.string()),
@@ -44,7 +45,7 @@ ROWS_PER_GROUP = 64
 class LedgerWindow:
     """The committed rows of one input file, loaded part by part while its documents are read in order."""
 
-    def __init__(self, store: OutputStore, key: str):
+    def __init__(self, store: Ledger, key: str):
         self.store = store
         spans = [self._span(path, errors) for errors in (False, True) for path in store.parts(errors, f"{key}-")]
         self.waiting = sorted(spans)
@@ -82,14 +83,11 @@ class LedgerWindow:
 def assemble_file(output: str, fs, file: InputFile, spec: InputSpec, splitter: DocumentSplitter,
                   job_id: str) -> None:
     """Write OUTPUT/_documents/KEY.parquet for one input file, atomically, a row group at a time."""
-    store = OutputStore(output)
-    final = store.path(DOCUMENTS, f"{file.key}.parquet")
-    target = store.path(META, "tmp", f"{file.key}.{uuid.uuid4().hex}") if store.local else final
-    store.fs.create_dir(os.path.dirname(target), recursive=True)
-    store.fs.create_dir(os.path.dirname(final), recursive=True)
+    store = Ledger(output)
     window = LedgerWindow(store, file.key)
     pending: list[dict] = []
-    with pq.ParquetWriter(target, DOCUMENT_SCHEMA, filesystem=store.fs) as writer:
+    with (atomic_path(store.fs, store.path(DOCUMENTS, f"{file.key}.parquet"), store.tmp_dir) as target,
+          pq.ParquetWriter(target, DOCUMENT_SCHEMA, filesystem=store.fs) as writer):
         for row in source_rows(fs, file, spec):
             pending += document_rows(row, splitter, window, job_id)
             if len(pending) >= ROWS_PER_GROUP:
@@ -97,8 +95,6 @@ def assemble_file(output: str, fs, file: InputFile, spec: InputSpec, splitter: D
                 pending = []
         if pending:
             writer.write_table(pa.Table.from_pylist(pending, schema=DOCUMENT_SCHEMA))
-    if target != final:
-        store.fs.move(target, final)
 
 
 def document_rows(row: dict, splitter: DocumentSplitter, window: LedgerWindow, job_id: str) -> list[dict]:
@@ -107,11 +103,11 @@ def document_rows(row: dict, splitter: DocumentSplitter, window: LedgerWindow, j
             "assembled_at": datetime.now(UTC)}
     try:
         if row["_gf_error"]:
-            raise RowError(*row["_gf_error"].split(": ", 1))
+            raise RowError.parse(row["_gf_error"])
         text = splitter.text(row)
         source, targets = splitter.languages(row)
     except RowError as err:  # the document could not be segmented at all: its error row says why
-        targets = splitter.task.target_languages or [None]
+        targets = splitter.settings.target_languages or [None]
         return [{**base, "target_language": target, "status": "failed", "errors": [f"{err.kind}: {err.message}"],
                  "segments": 0, "translated_segments": 0} for target in targets]
     segments = splitter.segments(text)
@@ -152,15 +148,9 @@ def assemble_documents(output: str, fs, files: list[InputFile], spec: InputSpec,
     ray.get([task.remote(output, fs, file, spec, splitter, job_id) for file in files])
 
 
-def document_counts(store: OutputStore) -> dict | None:
+def document_counts(store: Ledger) -> dict | None:
     """Documents by status, from OUTPUT/_documents (None when the job has no documents)."""
-    folder = store.path(DOCUMENTS)
-    if store.fs.get_file_info(folder).type != pafs.FileType.Directory:
+    if store.fs.get_file_info(store.path(DOCUMENTS)).type != pafs.FileType.Directory:
         return None
-    counts = {"complete": 0, "partial": 0, "failed": 0}
-    for info in store.fs.get_file_info(pafs.FileSelector(folder)):
-        if info.path.endswith(".parquet"):
-            column = pq.read_table(info.path, columns=["status"], filesystem=store.fs).column("status")
-            for item in pc.value_counts(column).to_pylist():
-                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
-    return {"documents": sum(counts.values()), **counts, "output": folder}
+    counts = {"complete": 0, "partial": 0, "failed": 0, **store.value_counts("status", folder=DOCUMENTS)}
+    return {"documents": sum(counts.values()), **counts, "output": store.path(DOCUMENTS)}

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
-from genfarm.batch.store import DOCUMENTS, OutputStore
+from genfarm.batch.ledger import Ledger
 from genfarm.errors import UserError
+from genfarm.translation.documents import DOCUMENTS
 from genfarm.translation.languages import UnknownLanguage, to_code
 
 REFERENCE_FIELDS = ("id", "target_language", "reference")
@@ -49,21 +49,16 @@ class CorpusScore:
 
 def load_translations(output: str) -> dict[tuple[str, str], Translation]:
     """(id, target language code) -> translation, from a job's documents if it has them, else its result rows."""
-    store = OutputStore(output)
+    store = Ledger(output)
     store.manifest()  # a folder without a job is the user's mistake, said in one line
-    documents = store.path(DOCUMENTS)
-    parts = [info.path for info in store.fs.get_file_info(_selector(documents)) if info.path.endswith(".parquet")]
-    if parts:
-        table = ds.dataset(parts, filesystem=store.fs).to_table(
-            columns=["document_id", "target_language", "text", "status"])
+    table = store.read(["document_id", "target_language", "text", "status"], folder=DOCUMENTS)
+    if table is not None:
         rows = zip(table["document_id"].to_pylist(), table["target_language"].to_pylist(),
                    table["text"].to_pylist(), table["status"].to_pylist())
     else:
-        parts = store.parts()
-        if not parts:
+        table = store.read(["id", "target_language", "output_text"], where=pc.field("sample_index") == 0)
+        if table is None:
             raise UserError("OUTPUT", f"{output} holds no translations yet", "run the translate job to the end first")
-        table = ds.dataset(parts, filesystem=store.fs).to_table(
-            columns=["id", "target_language", "output_text"], filter=pc.field("sample_index") == 0)
         rows = ((i, t, text, "complete") for i, t, text in zip(
             table["id"].to_pylist(), table["target_language"].to_pylist(), table["output_text"].to_pylist()))
     return {(doc_id, _code_or_name(target)): Translation(text or "", status) for doc_id, target, text, status in rows}
@@ -152,8 +147,3 @@ def _code_or_name(language: str | None) -> str:
     except UnknownLanguage:
         return language or ""
 
-
-def _selector(folder: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSelector(folder, allow_not_found=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from genfarm.rows import text_field
+
 LANGUAGES = {
     "af": "Afrikaans", "ar": "Arabic", "bg": "Bulgarian", "bn": "Bengali", "ca": "Catalan", "cs": "Czech",
     "cy": "Welsh", "da": "Danish", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
@@ -63,3 +65,32 @@ def name(tag: str) -> str:
     details = [d for d in details if d]
     base = LANGUAGES[match["lang"]]
     return f"{base} ({', '.join(details)})" if details else base
+
+
+class LanguageError(ValueError):
+    """A language that is missing or unknown, with the field it came from."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def resolve(row: dict, columns: dict[str, str], source: str | None, target: str | None,
+            targets: list[str] | None = None, codes: bool = True) -> tuple[str, list[str]]:
+    """(source, targets) of one text: the job's or service's settings (`source`, `target` or several `targets`),
+    else the row's `source_language` / `target_language` columns (mapped through `columns`). With `codes`, each is
+    a BCP 47 code (an unknown one raises LanguageError); without, as written, since a prompt can name any language.
+    A missing or empty value raises the row's RowError, unless its default is "" (a source the caller may leave
+    unnamed): then it is ""."""
+    def read(field: str, default: str | None) -> str:
+        found = text_field(row, field, columns, default)
+        if not codes or not found:
+            return found
+        try:
+            return to_code(found)
+        except UnknownLanguage as err:
+            raise LanguageError(field, str(err)) from None
+
+    if targets:
+        return read("source_language", source), list(targets)
+    return read("source_language", source), [read("target_language", target)]

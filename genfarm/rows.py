@@ -1,4 +1,5 @@
-"""What every task shares: the prompt it builds, the typed error a bad row raises, and column lookup."""
+"""What a row can be on its way through genfarm: the prompt a task builds from it, the typed error that ends it,
+and how a task reads its text fields. Shared by tasks, the batch pipeline and the online service."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ class RowError(Exception):
         assert kind in ERROR_TYPES, kind
         self.kind, self.message = kind, message
         super().__init__(f"{kind}: {message}")
+
+    @classmethod
+    def parse(cls, text: str) -> RowError:
+        """The error a `kind: message` string carries (as error columns and the pipeline's `_gf_error` hold it)."""
+        kind, _, message = text.partition(": ")
+        return cls(kind, message)
 
 
 @dataclass(frozen=True)

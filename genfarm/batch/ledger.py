@@ -1,14 +1,16 @@
-"""The output folder and its ledger: atomic parts, the job manifest, and what is already done.
+"""The exactly-once ledger of a job's output folder: which rows are done, under which part names, for which run.
 
 Layout of OUTPUT (local path or object-store URI):
     OUTPUT/*.parquet            results, one row per sample (pandas.read_parquet(OUTPUT) reads exactly these)
     OUTPUT/_errors/*.parquet    rows that could not be generated, with a typed reason
     OUTPUT/_genfarm/job.json    the manifest: spec, model revision, fingerprint
+    OUTPUT/_genfarm/run.json    the run token: the run that owns the folder now
     OUTPUT/_summary.json        rows, tokens, time, tokens/s, errors
 Readers skip names starting with '_' or '.', so half-written files (kept under _genfarm/tmp) are never seen.
 
 A part is named after the rows it holds (source file key + first row + digest of the ids). A row is done exactly
-when a committed part holds it, and a retried batch rewrites the same name instead of adding a second copy.
+when a committed part holds it, and a retried batch rewrites the same name instead of adding a second copy. Writing
+the parts is the sinks' job (genfarm/batch/sink.py); the ledger names them, commits them and reads them back.
 """
 
 from __future__ import annotations
@@ -16,25 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - makes pa.compute available
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from genfarm.batch.sink import ParquetSink, Sink
 from genfarm.errors import UserError
+from genfarm.storage import is_local, open_fs, write_text
 
 ERRORS, META = "_errors", "_genfarm"
-DOCUMENTS = "_documents"  # reassembled translations; "_": pandas.read_parquet(OUTPUT) reads result rows only
 RUN_FILE = f"{META}/run.json"
-
-
-def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri and not uri.startswith("file://"):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+MANIFEST = f"{META}/job.json"
+SUMMARY = "_summary.json"
 
 
 def source_key(source_name: str) -> str:
@@ -56,38 +56,30 @@ class DoneCounts:
         return self.results // samples_per_row + self.errors
 
 
-class OutputStore:
-    def __init__(self, uri: str):
+class Ledger:
+    def __init__(self, uri: str, sinks: Sequence[Sink] = ()):
         self.uri = uri
         self.fs, self.root = open_fs(uri)
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.local = is_local(self.fs)
+        self.tmp_dir = self.path(META, "tmp")
+        # Other formats first; the Parquet record last, since it is what makes the rows done.
+        self.sinks: list[Sink] = [*sinks, ParquetSink(self)]
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def part_path(self, name: str, errors: bool = False) -> str:
+        return self.path(ERRORS, name) if errors else self.path(name)
+
     # --- writing ---------------------------------------------------------------------------------------------
     def commit(self, table: pa.Table, name: str, errors: bool = False) -> str:
-        """Write a part so that it appears whole or not at all."""
-        final = self.path(ERRORS, name) if errors else self.path(name)
-        if not self.local:  # an object-store PUT is already all-or-nothing
-            pq.write_table(table, final, filesystem=self.fs)
-            return final
-        tmp = self.path(META, "tmp", f"{name}.{uuid.uuid4().hex}")
-        self.fs.create_dir(self.path(META, "tmp"), recursive=True)
-        self.fs.create_dir(os.path.dirname(final), recursive=True)
-        pq.write_table(table, tmp, filesystem=self.fs)
-        self.fs.move(tmp, final)  # rename(2): atomic, and replaces a copy left by an earlier try of the same rows
+        """Write a part through every sink, so that its rows are done exactly when the Parquet record exists."""
+        for sink in self.sinks:
+            final = sink.write(table, name, errors)
         return final
 
     def write_json(self, relpath: str, data: dict) -> None:
-        text = json.dumps(data, indent=2, default=str)
-        target = self.path(relpath)
-        self.fs.create_dir(os.path.dirname(target), recursive=True)
-        tmp = target + ".tmp" if self.local else target
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(text.encode())
-        if tmp != target:
-            self.fs.move(tmp, target)
+        write_text(self.fs, self.path(relpath), json.dumps(data, indent=2, default=str), self.tmp_dir)
 
     def read_json(self, relpath: str) -> dict | None:
         try:
@@ -98,17 +90,36 @@ class OutputStore:
 
     def manifest(self) -> dict:
         """The job manifest of this folder; a folder without one is a user error."""
-        manifest = self.read_json(f"{META}/job.json")
+        manifest = self.read_json(MANIFEST)
         if manifest is None:
             raise UserError("OUTPUT", f"{self.uri} holds no genfarm job", "give the output.path of a job you ran")
         return manifest
 
+    def start_run(self, run_id: str, started_at: str) -> None:
+        """Make `run_id` the folder's owner: workers of an earlier run that outlived their driver stop committing."""
+        self.write_json(RUN_FILE, {"run_id": run_id, "started_at": started_at})
+
+    def current_run(self) -> str | None:
+        return (self.read_json(RUN_FILE) or {}).get("run_id")
+
     # --- reading ---------------------------------------------------------------------------------------------
-    def parts(self, errors: bool = False, prefix: str = "") -> list[str]:
-        folder = self.path(ERRORS) if errors else self.root
+    def parts(self, errors: bool = False, prefix: str = "", folder: str | None = None) -> list[str]:
+        """Committed Parquet parts: results, error rows, or those of a task's own `folder` (e.g. _documents)."""
+        folder = self.path(folder) if folder else self.path(ERRORS) if errors else self.root
         selector = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
         names = [info.path for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
         return sorted(p for p in names if p.endswith(".parquet") and os.path.basename(p).startswith(prefix))
+
+    def read(self, columns: list[str] | None = None, errors: bool = False, where=None, limit: int | None = None,
+             folder: str | None = None) -> pa.Table | None:
+        """Committed rows (results, error rows, or a task folder's) as one table, or None when there are none."""
+        parts = self.parts(errors, folder=folder)
+        if not parts:
+            return None
+        dataset = ds.dataset(parts, filesystem=self.fs, format="parquet")
+        if limit is not None:
+            return dataset.head(limit, columns=columns, filter=where)
+        return dataset.to_table(columns=columns, filter=where)
 
     def done_ids(self, source_key: str) -> set[str]:
         """Ids already committed (as results or errors) for one input file; read by that file's reader only."""
@@ -130,9 +141,19 @@ class OutputStore:
         total = 0
         for part in self.parts(errors):
             values = pq.read_table(part, columns=[column], filesystem=self.fs).column(column)
-            total += pa.compute.sum(values).as_py() or 0
+            total += pc.sum(values).as_py() or 0
         return total
 
+    def value_counts(self, column: str, errors: bool = False, folder: str | None = None) -> dict[str, int]:
+        """How often each value of a column occurs over every committed part (e.g. error types)."""
+        counts: dict[str, int] = {}
+        for part in self.parts(errors, folder=folder):
+            values = pq.read_table(part, columns=[column], filesystem=self.fs).column(column)
+            for item in pc.value_counts(values).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+        return counts
+
+    # --- un-committing ---------------------------------------------------------------------------------------
     def take_errors(self, types: list[str] | None, label: str) -> int:
         """Un-commit error rows (all, or those of the given types) so the next run generates them again.
 
@@ -144,13 +165,13 @@ class OutputStore:
         for part in self.parts(errors=True):
             table = pq.read_table(part, filesystem=self.fs)
             chosen = (pa.array([True] * table.num_rows) if not types else
-                      pa.compute.is_in(table.column("error_type"), value_set=pa.array(types)))
-            count = pa.compute.sum(chosen).as_py() or 0
+                      pc.is_in(table.column("error_type"), value_set=pa.array(types)))
+            count = pc.sum(chosen).as_py() or 0
             if not count:
                 continue
             self.fs.create_dir(archive, recursive=True)
             pq.write_table(table, f"{archive}/{os.path.basename(part)}", filesystem=self.fs)
-            kept = table.filter(pa.compute.invert(chosen))
+            kept = table.filter(pc.invert(chosen))
             if kept.num_rows:
                 self.commit(kept, os.path.basename(part), errors=True)
             else:
@@ -168,7 +189,7 @@ class OutputStore:
         for part in existing:
             rel = os.path.relpath(part, self.root)
             self.fs.move(part, f"{target}/{rel}")
-        for name, kept_as in (("_summary.json", "_summary.json"), (f"{META}/job.json", "_job.json")):
+        for name, kept_as in ((SUMMARY, SUMMARY), (MANIFEST, "_job.json")):
             if self.fs.get_file_info(self.path(name)).type == pafs.FileType.File:
                 self.fs.move(self.path(name), f"{target}/{kept_as}")  # '_' keeps readers of the folder to parquet
         return target

@@ -1,0 +1,256 @@
+"""One replica of the service: its vLLM async engine, admission, and how a request becomes generated text.
+
+Ingress and engine share a replica on purpose: a request crosses the Serve proxy once and then goes straight into the
+engine, with no second hop through a deployment handle per request and per streamed chunk (the added latency Ray Serve
+LLM is known for). Serve's proxy spreads requests over replicas; scaling replicas scales engines. The routes
+(genfarm/serve/routes.py) call the methods here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from contextlib import aclosing
+
+import psutil
+from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
+from ray import serve
+
+from genfarm.engine import AsyncEngine, InvalidRequest, PromptTooLong, use_gpu
+from genfarm.rows import Prompt, RowError
+from genfarm.serve import protocol as api
+from genfarm.serve.config import ServeSpec, api_keys
+from genfarm.serve.limits import Limiter, Overloaded, Slot
+from genfarm.serve.metrics import ReplicaMetrics
+from genfarm.serve.replica import ReplicaState
+from genfarm.serve.responses import APIError, Call, sse, usage
+from genfarm.spec import SamplingSpec
+from genfarm.task import Task, make_task
+
+PUSH_INTERVAL_S = 1.0  # how often a replica sends its counters to the MetricsHub
+
+
+def direct_url() -> str | None:
+    """This replica's own HTTP address when Ray Serve's direct ingress is on (throughput mode): the same API without
+    the proxy hop, for a client that can pick its replica (no load balancing there)."""
+    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    high = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000"))
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and low <= conn.laddr.port <= high:
+            return f"http://{conn.laddr.ip}:{conn.laddr.port}"
+    return None
+
+
+def online_tasks(spec: ServeSpec) -> dict[str, Task]:
+    """The tasks a service answers, by name: online requests name task fields directly, so no column mapping."""
+    tasks = {}
+    for name, config in spec.tasks.items():
+        if "columns" in type(config).model_fields:
+            config = config.model_copy(update={"columns": {}})
+        task = make_task(config)
+        if task.route is not None:
+            tasks[name] = task
+    return tasks
+
+
+class GenfarmServer:
+    def __init__(self, config: dict, hub):
+        import ray
+
+        from genfarm import models
+
+        self.spec = spec = ServeSpec.model_validate(config)
+        gpu = use_gpu(spec.engine, len(ray.get_gpu_ids()))
+        self.engine = AsyncEngine(models.resolve(spec.model.name, spec.model.revision), spec.engine, gpu)
+        self.limiter = Limiter(spec.limits.concurrency(spec.engine), spec.limits.max_queued)
+        self.metrics = ReplicaMetrics(lambda: self.limiter.running, lambda: self.limiter.waiting,
+                                      self.engine.llm.get_num_unfinished_requests)
+        ReplicaState.keys, ReplicaState.metrics, ReplicaState.server = api_keys(spec), self.metrics, self
+        self.hub, self.replica = hub, serve.get_replica_context().replica_id.unique_id
+        self.tasks = online_tasks(spec)
+        self._pusher: asyncio.Task | None = None
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose engine died is replaced."""
+        await self.engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()  # stop the engine-core process with the replica
+
+    # ---- request handling ---------------------------------------------------------------------------------------
+
+    def start(self, route: str, model: str | None) -> Call:
+        if self._pusher is None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
+        call = Call(route, self.metrics)
+        if model is not None and model != self.spec.model.name:
+            raise call.error(APIError(400, f"model {model!r} is not served here; use {self.spec.model.name!r} "
+                                      "(GET /v1/models)", param="model", code="model_not_found"))
+        return call
+
+    def sampling(self, body: api.SamplingParams, max_tokens: int | None) -> SamplingSpec:
+        default = self.spec.sampling
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        return default.model_copy(update={
+            "temperature": default.temperature if body.temperature is None else body.temperature,
+            "top_p": body.top_p or default.top_p,
+            "max_tokens": max_tokens or default.max_tokens,
+            "n": body.n,
+            "stop": default.stop if stop is None else stop,
+        })
+
+    def params(self, call: Call, sampling: SamplingSpec, seed: int | None):
+        try:
+            return self.engine.params(sampling, seed)
+        except InvalidRequest as err:  # vLLM refuses this combination of parameters
+            raise call.error(APIError(400, str(err), code="invalid_parameter")) from None
+
+    def encode(self, call: Call, prompt: Prompt, sampling: SamplingSpec, param: str | None = None) -> list[int]:
+        param = param or ("messages" if prompt.messages else "prompt")
+        try:
+            text = self.engine.render(prompt.messages, prompt.text)
+        except (ValueError, TemplateError) as err:  # the model's chat template refuses these messages
+            raise call.error(APIError(400, f"the model's chat template refuses these messages: {err}", param=param,
+                                      code="invalid_messages")) from None
+        try:
+            return self.engine.encode(text, sampling.max_tokens)
+        except PromptTooLong as err:
+            raise call.error(APIError(400, str(err), param=param, code="context_length_exceeded")) from None
+
+    async def answer_task(self, name: str, body: api.SamplingParams):
+        """A task route's answer: the task's own `respond`, with this replica lending it the engine."""
+        task = self.tasks[name]
+        call = self.start(task.route.path.rsplit("/", 1)[-1], body.model)
+        if body.n != 1:
+            raise call.error(APIError(400, "task endpoints write one text; leave n out", param="n",
+                                      code="invalid_parameter"))
+        row = body.model_dump(exclude_none=True, exclude=set(api.SamplingParams.model_fields) | {"model"})
+        try:
+            return await task.respond(row, TaskCall(self, call, self.sampling(body, body.max_tokens), body.seed))
+        except RowError as err:
+            raise call.error(APIError(400, err.message, code=err.kind)) from None
+
+    async def admit(self, call: Call) -> Slot:
+        """Take a generation slot, or answer 429 at once when the replica's queue is full."""
+        try:
+            async with asyncio.timeout(call.remaining(self.spec.limits.request_timeout_s)):
+                return await self.limiter.acquire()
+        except Overloaded as err:
+            raise call.error(APIError(429, f"server busy ({err}); retry shortly", kind="rate_limit_error",
+                                      code="overloaded", retry_after=1)) from None
+        except TimeoutError:
+            raise call.error(APIError(504, "no generation slot freed up in time (limits.request_timeout_s)",
+                                      kind="timeout", code="timeout")) from None
+        except asyncio.CancelledError:  # the client left while waiting in the queue
+            call.disconnected()
+            raise
+
+    async def deltas(self, call: Call, ids: list[int], params):
+        """The engine's output for one prompt, within the request's time limit (the caller holds the slot)."""
+        try:
+            async with asyncio.timeout(call.remaining(self.spec.limits.request_timeout_s)):
+                async with aclosing(self.engine.stream(ids, params, call.route)) as outputs:
+                    async for completions in outputs:
+                        call.generated(completions)
+                        yield completions
+        except TimeoutError:
+            raise APIError(504, f"generation took longer than {self.spec.limits.request_timeout_s:g}s "
+                           "(limits.request_timeout_s); ask for fewer max_tokens", kind="timeout",
+                           code="timeout") from None
+
+    async def collect(self, call: Call, ids: list[int], params, n: int) -> tuple[list[str], list[str | None]]:
+        texts, reasons = [""] * n, [None] * n
+        async for completions in self.deltas(call, ids, params):
+            for c in completions:
+                texts[c.index] += c.text
+                reasons[c.index] = c.finish_reason or reasons[c.index]
+        return texts, reasons
+
+    async def complete(self, call: Call, prompts: list[list[int]], sampling: SamplingSpec, seed: int | None):
+        """Whole answers to one or more prompts (the segments of one translation share the request's slot)."""
+        params = self.params(call, sampling, seed)
+        slot = await self.admit(call)
+        try:
+            async with asyncio.TaskGroup() as group:  # one failing prompt cancels its siblings
+                tasks = [group.create_task(self.collect(call, ids, params, sampling.n)) for ids in prompts]
+            answers = [task.result() for task in tasks]
+        except asyncio.CancelledError:
+            call.disconnected()
+            raise
+        except ExceptionGroup as failed:
+            raise self.failure(call, failed.exceptions[0]) from None
+        finally:
+            slot.release()
+        call.finish(200, prompt_tokens=sum(map(len, prompts)))
+        return answers
+
+    def failure(self, call: Call, err: Exception) -> APIError:
+        """The error a failed generation answers with, counted in the metrics."""
+        if not isinstance(err, APIError):
+            if isinstance(err, InvalidRequest):
+                err = APIError(400, str(err), code="invalid_parameter")
+            else:  # the engine failed this request
+                err = APIError(503, f"the engine failed: {err}", kind="service_unavailable", code="engine_error",
+                               retry_after=5)
+        return call.error(err)
+
+    async def stream(self, call: Call, ids: list[int], sampling: SamplingSpec, seed: int | None, chunks,
+                     include_usage: bool) -> StreamingResponse:
+        params = self.params(call, sampling, seed)
+        slot = await self.admit(call)  # before the headers, so a full server answers 429 rather than an event
+
+        async def events():
+            try:
+                async with aclosing(self.deltas(call, ids, params)) as outputs:
+                    async for completions in outputs:
+                        yield sse(chunks.chunk(completions))
+                if include_usage:
+                    yield sse(chunks.usage(usage(len(ids), call.tokens)))
+                call.finish(200, prompt_tokens=len(ids))
+            except (asyncio.CancelledError, GeneratorExit):
+                call.disconnected()
+                raise
+            except Exception as err:  # noqa: BLE001 - headers are sent: the error becomes the last event
+                yield sse(self.failure(call, err).body())
+            finally:
+                slot.release()
+            yield "data: [DONE]\n\n"
+
+        body = events()
+        weakref.finalize(body, slot.release)  # a stream dropped before its first chunk never runs its finally
+        return StreamingResponse(body, media_type="text/event-stream")
+
+    async def _push_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            try:
+                await self.hub.push.remote(self.replica, self.metrics.snapshot())
+            except Exception:  # noqa: BLE001, S110 - the hub restarts with Serve; the next push catches up
+                pass
+
+
+class TaskCall:
+    """What a task answering one request may use (genfarm.task.Online): this replica's engine, the request's
+    sampling, and its errors as OpenAI-style 400s."""
+
+    def __init__(self, server: GenfarmServer, call: Call, sampling: SamplingSpec, seed: int | None):
+        self.server, self.call, self.sampling, self.seed = server, call, sampling, seed
+        self.model = server.spec.model.name
+        self.tokenizer = server.engine.tokenizer
+        self.engine = server.spec.engine
+
+    def encode(self, prompt: Prompt, param: str | None = None) -> list[int]:
+        return self.server.encode(self.call, prompt, self.sampling, param)
+
+    async def complete(self, prompts: list[list[int]]) -> list[tuple[list[str], list[str | None]]]:
+        return await self.server.complete(self.call, prompts, self.sampling, self.seed)
+
+    def reject(self, message: str, param: str | None = None, code: str = "invalid_parameter") -> APIError:
+        return self.call.error(APIError(400, message, param=param, code=code))
+
+    def usage(self, prompts: list[list[int]]) -> dict:
+        return usage(sum(map(len, prompts)), self.call.tokens)

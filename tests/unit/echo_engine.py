@@ -1,0 +1,41 @@
+"""An echo engine, for plumbing tests only: it "generates" the last words of each prompt back, instantly and
+deterministically, with no model. It stands in for genfarm.engine.Engine where a test checks what genfarm does around
+generation (rows, columns, errors, the ledger), never what a model writes: those tests run the real vLLM engine."""
+
+from __future__ import annotations
+
+from genfarm.engine import Completion, Generation, PromptTooLong
+
+
+class EchoEngine:
+    def __init__(self, max_prompt_words: int = 200, fail_on: str | None = None):
+        self.max_prompt_words, self.fail_on = max_prompt_words, fail_on
+        self.requests: list[tuple[list[int], object, int | None, dict | None]] = []
+        self.vocabulary: list[str] = []
+
+    def render(self, messages: list[dict] | None, text: str | None) -> str:
+        if messages is None:
+            return text
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+
+    def encode(self, prompt: str, max_tokens: int) -> list[int]:
+        words = prompt.split()
+        if len(words) > self.max_prompt_words:
+            raise PromptTooLong(f"prompt has {len(words)} tokens (echo engine limit {self.max_prompt_words})")
+        for word in words:
+            if word not in self.vocabulary:
+                self.vocabulary.append(word)
+        return [self.vocabulary.index(word) for word in words]
+
+    def generate(self, prompts, sampling, seeds, structured=None) -> list:
+        results = []
+        for index, (ids, spec, seed) in enumerate(zip(prompts, sampling, seeds)):
+            self.requests.append((ids, spec, seed, structured[index] if structured else None))
+            words = [self.vocabulary[i] for i in ids][-spec.max_tokens:]
+            if self.fail_on is not None and self.fail_on in words:
+                results.append(ValueError(f"echo engine refuses {self.fail_on!r}"))
+                continue
+            completions = [Completion(" ".join(words), "length" if len(words) == spec.max_tokens else "stop",
+                                      len(words), n) for n in range(spec.n)]
+            results.append(Generation(len(ids), completions))
+        return results
