@@ -31,6 +31,8 @@ def write_job(tmp_path, data, model="smollm2-135m-instruct", task="{type: articl
     ("unknown_model", "model.name: unknown model 'no-such-model'"),
     ("bad_set", "--set sampling: expected KEY=VALUE"),
     ("no_job_file", "job file not found"),
+    ("unwritable_output", "output.path: cannot write to /proc/forbidden"),
+    ("missing_plugin", "plugins: cannot import 'no_such_tasks'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, case, expected):
     data = write_jsonl(tmp_path / "t.jsonl", topics(2))
@@ -42,6 +44,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, expected):
         "unknown_model": lambda: ["run", write_job(tmp_path, data, model="no-such-model")],
         "bad_set": lambda: ["run", write_job(tmp_path, data), "--set", "sampling"],
         "no_job_file": lambda: ["run", tmp_path / "missing.yaml"],
+        "unwritable_output": lambda: ["run", write_job(tmp_path, data), "--set", "output.path=/proc/forbidden"],
+        "missing_plugin": lambda: ["run", write_job(tmp_path, data, extra="plugins: [no_such_tasks]\n")],
     }[case]()
     result = genfarm(*args)
     assert result.returncode == 2, result.stderr

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from genfarm import models
+from genfarm.batch.datasource import PromptSource
 from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
 from genfarm.batch.progress import JobProgress
-from genfarm.batch.source import PromptSource, count_work_rows, infer_schema, list_inputs
+from genfarm.batch.source import count_work_rows, infer_schema, list_inputs
 from genfarm.cluster import use_local_ray_env
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
@@ -113,12 +114,16 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
     parts = fingerprint_parts(job, model)
     manifest = check_resume(store, parts, restart)
     job_id = manifest.get("job_id") or f"{job.name or 'job'}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    store.write_json(MANIFEST, {
-        "job_id": job_id, "fingerprint": fingerprint(parts), "settings": parts, "job_file": job_file,
-        "spec": job.model_dump(mode="json"), "created_at": manifest.get("created_at") or _now(),
-    })
     run_id = uuid.uuid4().hex
-    store.start_run(run_id, _now())
+    try:
+        store.write_json(MANIFEST, {
+            "job_id": job_id, "fingerprint": fingerprint(parts), "settings": parts, "job_file": job_file,
+            "spec": job.model_dump(mode="json"), "created_at": manifest.get("created_at") or _now(),
+        })
+        store.start_run(run_id, _now())
+    except OSError as err:  # a folder that cannot be made or written (permissions, a read-only or virtual fs)
+        raise UserError("output.path", f"cannot write to {store.uri} ({err.strerror or err})",
+                        "choose a folder you can write to, e.g. --set output.path=out/my-job") from None
     total = count_work_rows(fs, files, job.input, expander)
     return Plan(job, fs, files, schema, model, store, job_id, run_id, total, task, expander)
 

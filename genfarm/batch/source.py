@@ -1,7 +1,6 @@
-"""Reading the input: a Ray Data datasource with one read task per file, streaming rows in small blocks.
+"""Reading the input: files from a path, glob or URI, their rows in order with stable ids, as Arrow blocks.
 
-Each row gets a stable id (the id column, or FILE:ROW_NUMBER) and the read task drops rows that a committed part
-already holds, so resuming never loads the ledger into the driver. Rows that cannot even be parsed are passed on
+Each row gets a stable id (the id column, or FILE:ROW_NUMBER). Rows that cannot even be parsed are passed on
 with `_gf_error` set, to be written as error rows by the worker instead of stopping the job. A task with an expander
 (genfarm.task.Expander) turns each input row into its work rows here, in the read task.
 """
@@ -13,17 +12,14 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
-from genfarm.batch.ledger import Ledger, source_key
+from genfarm.batch.ledger import source_key
 from genfarm.errors import UserError
 from genfarm.spec import InputSpec
 from genfarm.storage import open_fs
@@ -197,43 +193,6 @@ def count_work_rows(fs: pafs.FileSystem, files: list[InputFile], spec: InputSpec
     if expander is None:
         return count_rows(fs, files, spec.limit)
     return sum(1 for file in files for _ in source_rows(fs, file, spec, expander))
-
-
-class PromptSource(Datasource):
-    def __init__(self, fs, files: list[InputFile], schema: pa.Schema, spec: InputSpec, output: str,
-                 block_rows: int = 256, expander: Expander | None = None):
-        super().__init__()
-        self.fs, self.files, self.schema, self.spec = fs, files, schema, spec
-        self.output, self.block_rows, self.expander = output, block_rows, expander
-
-    def estimate_inmemory_data_size(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        return [
-            ReadTask(
-                partial(read_blocks, self.fs, file, self.schema, self.spec, self.output, self.block_rows,
-                        self.expander),
-                BlockMetadata(num_rows=None, size_bytes=file.size, input_files=[file.path], exec_stats=None),
-                schema=pa.unify_schemas([META_SCHEMA, self.schema]),
-            )
-            for file in self.files
-        ]
-
-
-def read_blocks(fs, file: InputFile, schema: pa.Schema, spec: InputSpec, output: str, block_rows: int,
-                expander: Expander | None = None):
-    done = Ledger(output).done_ids(file.key)
-    pending: list[dict] = []
-    for row in source_rows(fs, file, spec, expander):
-        if row["_gf_id"] in done:
-            continue
-        pending.append(row)
-        if len(pending) >= block_rows:
-            yield to_block(pending, schema)
-            pending = []
-    if pending:
-        yield to_block(pending, schema)
 
 
 def source_rows(fs, file: InputFile, spec: InputSpec, expander: Expander | None = None) -> Iterator[dict]:

@@ -1,0 +1,57 @@
+"""The input as a Ray Data datasource: one read task per file, streaming rows in small blocks.
+
+Each read task drops the rows a committed part already holds (it loads the done ids of its own file only), so
+resuming never loads the ledger into the driver.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from genfarm.batch.ledger import Ledger
+from genfarm.batch.source import META_SCHEMA, InputFile, source_rows, to_block
+from genfarm.spec import InputSpec
+from genfarm.task import Expander
+
+
+class PromptSource(Datasource):
+    def __init__(self, fs, files: list[InputFile], schema: pa.Schema, spec: InputSpec, output: str,
+                 block_rows: int = 256, expander: Expander | None = None):
+        super().__init__()
+        self.fs, self.files, self.schema, self.spec = fs, files, schema, spec
+        self.output, self.block_rows, self.expander = output, block_rows, expander
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        return [
+            ReadTask(
+                partial(read_blocks, self.fs, file, self.schema, self.spec, self.output, self.block_rows,
+                        self.expander),
+                BlockMetadata(num_rows=None, size_bytes=file.size, input_files=[file.path], exec_stats=None),
+                schema=pa.unify_schemas([META_SCHEMA, self.schema]),
+            )
+            for file in self.files
+        ]
+
+
+def read_blocks(fs, file: InputFile, schema: pa.Schema, spec: InputSpec, output: str, block_rows: int,
+                expander: Expander | None = None):
+    done = Ledger(output).done_ids(file.key)
+    pending: list[dict] = []
+    for row in source_rows(fs, file, spec, expander):
+        if row["_gf_id"] in done:
+            continue
+        pending.append(row)
+        if len(pending) >= block_rows:
+            yield to_block(pending, schema)
+            pending = []
+    if pending:
+        yield to_block(pending, schema)
+
+
