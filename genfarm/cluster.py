@@ -91,7 +91,7 @@ def package_job(job_file: str, overrides: list[str]) -> tuple[Path, str]:
 
 
 def submit(job_file: str, overrides: list[str], address: str) -> str:
-    send_saved_token()  # first: reading the job file can import Ray (task modules), whose token loader reads it once
+    send_saved_token()  # first: Ray's token loader reads the mode once, and a job file's plugins may import Ray
     folder, entrypoint = package_job(job_file, overrides)
     client = job_client(address)
     deadline = time.monotonic() + AGENT_WAIT_S
