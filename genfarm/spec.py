@@ -6,9 +6,12 @@ setting that silently does nothing.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import difflib
 import importlib
 import importlib.metadata
+import importlib.util
 import pkgutil
 from functools import cache
 from pathlib import Path
@@ -25,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from genfarm.errors import UserError
 
@@ -124,23 +128,82 @@ class ModelSpec(Spec):
 
 
 class EngineSpec(Spec):
+    """The engine section. `None` means the device's default (genfarm.engine.settings decides): on CPU genfarm's
+    measured values, on GPU vLLM's own."""
+
     device: Literal["auto", "cpu", "gpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int = Field(2048, ge=16)
-    max_num_seqs: int = Field(64, ge=1)
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Sequences an engine decodes at once; default: 64 on CPU, vLLM's own on GPU."
+    )
     kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size per engine, in GiB.")
     tensor_parallel_size: int = Field(1, ge=1)
     gpus_per_worker: float | None = Field(None, ge=0, description="Default: tensor_parallel_size on GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each engine actor reserves in Ray.")
     cpu_threads: int | None = Field(None, ge=1, description="Threads of a CPU engine; default: every core of its "
                                     "machine (Ray would otherwise give it one thread per reserved CPU).")
-    enforce_eager: bool = True
+    enforce_eager: bool | None = Field(
+        None, description="Skip torch.compile and CUDA graphs; default: true on CPU, vLLM's own (false) on GPU."
+    )
     request_timeout_s: float | None = Field(
         600, gt=0, description="A request still generating after this many seconds becomes a timeout error row."
     )
     long_prompts: Literal["error", "truncate"] = Field(
         "error", description="A prompt too long for max_model_len becomes an error row, or is cut from the left."
     )
+    vllm: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM engine arguments (fields of vllm.engine.arg_utils."
+        "EngineArgs, e.g. gpu_memory_utilization, quantization); they win over the device defaults.",
+    )
+
+    # vLLM engine arguments genfarm sets from its own fields: `vllm:` refuses them and names the field instead.
+    OWN_FIELDS: ClassVar[dict[str, str]] = {
+        "model": "model.name", "tokenizer": "model.name", "revision": "model.revision",
+        "dtype": "engine.dtype", "max_model_len": "engine.max_model_len", "max_num_seqs": "engine.max_num_seqs",
+        "enforce_eager": "engine.enforce_eager", "tensor_parallel_size": "engine.tensor_parallel_size",
+        "kv_cache_memory_bytes": "engine.kv_cache_gib", "seed": "sampling.seed",
+        "data_parallel_size": "workers.count",
+    }
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_engine_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        known = cls.vllm_arg_names() if args else None
+        for key in args:
+            if key in cls.OWN_FIELDS:
+                problem, fix = "genfarm sets this vLLM argument", f"set {cls.OWN_FIELDS[key]} instead"
+            elif known is not None and key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                problem = "not a vLLM engine argument"
+                fix = f"did you mean '{close[0]}'?" if close else "see vllm.engine.arg_utils.EngineArgs for the names"
+            else:
+                continue
+            error = ValueError(f"{problem}. Fix: {fix}")  # raised with the key in its location: engine.vllm.KEY
+            raise ValidationError.from_exception_data(
+                cls.__name__, [InitErrorDetails(type="value_error", loc=(key,), input=args[key], ctx={"error": error})]
+            )
+        return args
+
+    @staticmethod
+    @cache
+    def vllm_arg_names() -> tuple[str, ...] | None:
+        """The field names of vLLM's EngineArgs dataclass, read from its source (0.02-0.2 s; importing vLLM takes
+        5-20 s). None when vLLM is not installed here: the keys are then checked where the engine starts."""
+        found = importlib.util.find_spec("vllm")
+        if found is None:
+            return None
+        source = Path(found.submodule_search_locations[0]) / "engine" / "arg_utils.py"
+        try:
+            tree = ast.parse(source.read_text())
+        except (OSError, SyntaxError):  # no source shipped: import the dataclass after all
+            from vllm.engine.arg_utils import EngineArgs
+
+            return tuple(field.name for field in dataclasses.fields(EngineArgs))
+        body = next(node.body for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "EngineArgs")
+        return tuple(item.target.id for item in body
+                     if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                     and not ast.unparse(item.annotation).startswith(("ClassVar", "InitVar")))
 
 
 class SamplingSpec(Spec):

@@ -16,40 +16,61 @@ from genfarm.spec import EngineSpec
 GIB = 1 << 30
 
 
+# What an engine gets where the job file leaves a setting out (None). On CPU the values genfarm's CPU benchmarks
+# were measured with. On GPU nothing: vLLM's own defaults (CUDA graphs, and a max_num_seqs vLLM sizes for the GPU
+# and the kind of engine: 256 for vllm.LLM on most GPUs, 1024 on H100-class ones).
+CPU_DEFAULTS: dict[str, Any] = {"max_num_seqs": 64, "enforce_eager": True}
+# vLLM's max_num_seqs for AsyncLLM (the online engine) on GPU when none is given: SchedulerConfig.DEFAULT_MAX_NUM_SEQS.
+VLLM_ONLINE_MAX_NUM_SEQS = 128
+
+
 def use_gpu(spec: EngineSpec, gpus_available: float) -> bool:
     return spec.device == "gpu" or (spec.device == "auto" and gpus_available > 0)
 
 
+def gpus_per_engine(spec: EngineSpec) -> int:
+    """GPUs one engine spans: its tensor-parallel shards times its pipeline stages."""
+    return spec.tensor_parallel_size * int(spec.vllm.get("pipeline_parallel_size") or 1)
+
+
 def worker_resources(spec: EngineSpec, gpus_available: float) -> dict[str, float]:
-    """Ray resources of one engine actor: tensor-parallel engines need one GPU per shard."""
+    """Ray resources of one engine actor: a parallel engine needs one GPU per shard and stage."""
     if not use_gpu(spec, gpus_available):
         return {"num_cpus": spec.cpus_per_worker, "num_gpus": 0}
-    gpus = spec.gpus_per_worker if spec.gpus_per_worker is not None else spec.tensor_parallel_size
+    gpus = spec.gpus_per_worker if spec.gpus_per_worker is not None else gpus_per_engine(spec)
     return {"num_cpus": spec.cpus_per_worker, "num_gpus": gpus}
 
 
 def engine_args(model: ResolvedModel, spec: EngineSpec, gpu: bool) -> dict[str, Any]:
-    """Keyword arguments for vllm.LLM / AsyncEngineArgs, from genfarm's engine spec."""
-    args: dict[str, Any] = {
+    """Keyword arguments for vllm.LLM / AsyncEngineArgs: the device's defaults, then `engine.vllm` over them, then
+    genfarm's own fields over everything (`engine.vllm` may not name those, see EngineSpec.OWN_FIELDS)."""
+    args: dict[str, Any] = {} if gpu else dict(CPU_DEFAULTS)
+    if gpu and gpus_per_engine(spec) > 1:
+        # Inside a Ray actor that already holds the GPUs, worker processes beat a nested Ray placement.
+        args["distributed_executor_backend"] = "mp"
+    args.update(spec.vllm)
+    args.update({
         "model": model.path,
         "tokenizer": model.path,
         "dtype": spec.dtype,
         "max_model_len": spec.max_model_len,
-        "max_num_seqs": spec.max_num_seqs,
         "tensor_parallel_size": spec.tensor_parallel_size,
-        "enforce_eager": spec.enforce_eager,
         "seed": 0,
-    }
+    })
+    args.update({name: getattr(spec, name) for name in CPU_DEFAULTS if getattr(spec, name) is not None})
     if is_hub_model(model):  # pin the revision the user asked for
         args["revision"] = model.revision
-    if gpu:
-        if spec.tensor_parallel_size > 1:
-            # Inside a Ray actor that already holds the GPUs, worker processes beat a nested Ray placement.
-            args["distributed_executor_backend"] = "mp"
-    else:
+    if not gpu:
         # The CPU backend's default memory check reads one NUMA node only; an explicit KV-cache size avoids it.
         args["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * GIB)
     return args
+
+
+def online_max_num_seqs(spec: EngineSpec, gpu: bool) -> int:
+    """Sequences the online engine decodes at once, whoever chose it: what a serve replica's limiter admits."""
+    if spec.max_num_seqs is not None:
+        return spec.max_num_seqs
+    return VLLM_ONLINE_MAX_NUM_SEQS if gpu else CPU_DEFAULTS["max_num_seqs"]
 
 
 def is_hub_model(model: ResolvedModel) -> bool:

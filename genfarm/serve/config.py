@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
+from genfarm.engine.settings import online_max_num_seqs
 from genfarm.spec import (
     EngineSpec,
     ModelSpec,
@@ -45,8 +46,10 @@ class LimitsSpec(Spec):
     max_queued: int = Field(64, ge=0, description="Requests a replica keeps waiting beyond that; more get 429.")
     request_timeout_s: float = Field(300, gt=0, description="A request (queueing + generation) ends after this.")
 
-    def concurrency(self, engine: EngineSpec) -> int:
-        return self.max_concurrent or engine.max_num_seqs
+    def concurrency(self, engine: EngineSpec, gpu: bool | None = None) -> int:
+        """max_concurrent, or the sequences the engine decodes at once on its device (`gpu` None: a GPU engine
+        only if engine.device says gpu)."""
+        return self.max_concurrent or online_max_num_seqs(engine, engine.device == "gpu" if gpu is None else gpu)
 
 
 class HttpSpec(Spec):
