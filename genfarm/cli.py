@@ -91,6 +91,13 @@ def print_summary(summary: dict) -> None:
         f"results: {summary['output']}/*.parquet  (pandas.read_parquet('{summary['output']}'))",
         highlight=False,
     )
+    quality = summary.get("quality")
+    if quality and (quality["flagged_rows"] or quality["regenerated_rows"] or quality["fixes"]):
+        checks = ", ".join(f"{k}: {v}" for k, v in quality["failed_checks"].items()) or "none"
+        fixes = ", ".join(f"{k}: {v}" for k, v in quality["fixes"].items()) or "none"
+        out.print(f"quality: {quality['flagged_rows']:,} rows flagged (failed checks: {checks}), "
+                  f"{quality['regenerated_rows']:,} regenerated, fixes: {fixes}; "
+                  f"see them with genfarm inspect {summary['output']} --quality", highlight=False)
     if "documents" in summary:
         print_documents(summary["documents"])
 
@@ -131,18 +138,28 @@ def inspect(
     output: str = typer.Argument(..., help="A job's output folder."),
     rows: int = typer.Option(5, "--rows", "-n", min=1, help="How many rows to show."),
     errors: bool = typer.Option(False, "--errors", help="Show error rows instead of results."),
+    quality: bool = typer.Option(False, "--quality", help="Show only results flagged by a quality check, with "
+                                 "the checks they failed."),
 ) -> None:
-    """Preview a job's results (or errors) as a table."""
+    """Preview a job's results (or errors, or the rows a quality check flagged) as a table."""
+    import pyarrow.compute as pc
+
     from genfarm.batch.ledger import ERRORS, Ledger
 
-    table = Ledger(output).read(errors=errors, limit=rows)
+    flagged = pc.list_value_length(pc.field("quality")) > 0 if quality and not errors else None
+    table = Ledger(output).read(errors=errors, limit=rows, where=flagged)
     if table is None:
         what = "error rows" if errors else "results"
         raise UserError("OUTPUT", f"no {what} in {output}", "run a job first, or check the folder")
-    columns = (["id", "error_type", "message"] if errors else
-               [c for c in ("id", "title", "target_language", "output_text", "finish_reason", "completion_tokens")
-                if c in table.column_names])
-    view = Table(title=f"{output}{'/' + ERRORS if errors else ''}: first {table.num_rows} rows", show_lines=True)
+    if table.num_rows == 0:
+        out.print(f"{output}: every result passed its quality checks")
+        return
+    shown = ("id", "title", "target_language", "output_text", "finish_reason", "completion_tokens")
+    if quality:
+        shown = ("id", "quality", "quality_fixes", "attempts", "output_text", "finish_reason")
+    columns = (["id", "error_type", "message"] if errors else [c for c in shown if c in table.column_names])
+    what = "/" + ERRORS if errors else " (flagged by quality checks)" if quality else ""
+    view = Table(title=f"{output}{what}: first {table.num_rows} rows", show_lines=True)
     for column in columns:
         view.add_column(column, overflow="fold", max_width=80 if column in ("output_text", "message") else None)
     for row in table.select(columns).to_pylist():

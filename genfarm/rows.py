@@ -17,6 +17,8 @@ ERROR_TYPES = (
     "prompt_too_long",  # longer than the engine's context allows
     "engine_error",  # vLLM refused or failed this prompt
     "timeout",  # generation took longer than the per-request limit
+    "invalid_output",  # the generated text is not what the task asked for (no JSON, not a choice, fails the schema)
+    "quality",  # the text failed the job's quality checks on every try (with quality.on_failure: error)
 )
 
 

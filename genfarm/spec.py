@@ -250,6 +250,37 @@ class WorkersSpec(ScaleRange):
     )
 
 
+class QualitySpec(Spec):
+    """The job file's `quality:` section (genfarm/quality.py runs the checks); a check left out takes the task's
+    default, false turns it off."""
+
+    retries: int = Field(0, ge=0, le=10, description="Regenerate a row that fails a check up to this many times.")
+    repetition_penalty: float | None = Field(
+        None, gt=0, description="vLLM's repetition_penalty for regenerations (e.g. 1.2 against loops).")
+    on_failure: Literal["flag", "error"] = Field(
+        "flag", description="flag: keep the best attempt and list its failed checks in `quality`; error: a "
+        "`quality` error row instead.")
+    truncated: Literal["off", "flag", "trim", "regenerate"] | None = Field(
+        None, description="A text cut at max_tokens: flag it, trim it to its last complete sentence, or regenerate "
+        "with more room (then trim, for tasks whose text can be trimmed).")
+    empty: bool | None = Field(None, description="Flag a text with no words.")
+    repetition: float | Literal[False] | None = Field(
+        None, description="Most repetition allowed: the share of repeated word 3-grams, 0-1 (loops score near 1).")
+    min_words: int | Literal[False] | None = Field(None, description="Fewest words a text may have.")
+    max_words: int | Literal[False] | None = Field(None, description="Most words a text may have.")
+    language: bool | None = Field(None, description="The text must be in the language the task asks for "
+                                  "(translations: the target), by language identification (py3langid).")
+    length_ratio: tuple[float, float] | Literal[False] | None = Field(
+        None, description="Words of the text over words of its source (translations): the range allowed.")
+
+    @field_validator("repetition")
+    @classmethod
+    def _share(cls, value):
+        if value is not False and value is not None and not 0 < value <= 1:
+            raise ValueError(f"{value} is not a share. Fix: give a number between 0 and 1, e.g. 0.5, or false")
+        return value
+
+
 class OutputSpec(Spec):
     path: str = Field(description="Output folder (local path or URI); results are OUTPUT/*.parquet.")
 
@@ -264,6 +295,7 @@ class JobSpec(Spec):
     engine: EngineSpec = EngineSpec()
     sampling: SamplingSpec = SamplingSpec()
     workers: WorkersSpec = WorkersSpec()
+    quality: QualitySpec = QualitySpec()
     output: OutputSpec
 
     @field_validator("plugins")

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from genfarm.quality import Hints
 from genfarm.rows import Prompt
 from genfarm.spec import EngineSpec, InputSpec, JobSpec, SamplingSpec, TaskConfig, discover_tasks
 
@@ -38,11 +39,20 @@ class MappedTaskConfig(TaskConfig):
 
 @dataclass(frozen=True)
 class RowSampling:
-    """What a task asks of the engine for one row, beyond the job's sampling section."""
+    """What a task asks of the engine for one row, beyond the job's sampling section (None: the job's)."""
 
     max_tokens: int | None = None
     stop: tuple[str, ...] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    seed: int | None = None  # the row's own seed (else one derived from the job's seed and the row id)
     structured: dict | None = None  # vLLM structured outputs: {"json": schema} | {"choice": [...]} | {"regex": ...}
+    logprobs: bool = False  # ask for the text's log-probability (Completion.logprob), e.g. for a confidence
+
+    def engine_extra(self) -> dict:
+        """The parameters beyond the job's SamplingSpec, as genfarm.engine's to_sampling_params takes them."""
+        return {"structured": self.structured, "logprobs": 0 if self.logprobs else None}
 
 
 class Expander(Protocol):
@@ -96,6 +106,8 @@ class Task(ABC):
     Config: ClassVar[type[TaskConfig]]
     route: ClassVar[Route | None] = None
     output_columns: ClassVar[dict[str, pa.DataType]] = {}  # columns `parse` adds beside output_text
+    quality_defaults: ClassVar[dict] = {}  # the task's quality checks and thresholds (genfarm/quality.py)
+    trimmable: ClassVar[bool] = False  # a text cut at max_tokens may be trimmed back to its last sentence
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -128,10 +140,19 @@ class Task(ABC):
         answer."""
         return {}
 
+    def hints(self, row: dict) -> Hints:
+        """What the quality checks should know about a row: the language its text should be in, its source."""
+        return Hints()
+
     # --- batch hooks -------------------------------------------------------------------------------------------
     def expander(self, job: JobSpec, model_path: str) -> Expander | None:
         """An Expander when one input row makes several work rows; checked on the driver before the job starts."""
         return None
+
+    def sinks(self, output: str) -> list:
+        """Sinks (genfarm.batch.sink.Sink) that write each committed part in another format too, before the
+        ledger's Parquet record (e.g. OpenAI's batch output file)."""
+        return []
 
     def finish(self, done: FinishedJob) -> None:
         """A pass over the committed results once every row is accounted for (segments -> documents)."""

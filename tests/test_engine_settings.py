@@ -135,6 +135,8 @@ def test_hub_models_pin_their_revision():
 def test_structured_output_constraint_reaches_sampling_params():
     from vllm import SamplingParams
 
-    params = to_sampling_params(SamplingParams, SamplingSpec(temperature=0, max_tokens=4), 7, {"choice": ["a", "b"]})
+    params = to_sampling_params(SamplingParams, SamplingSpec(temperature=0, max_tokens=4), 7,
+                                {"structured": {"choice": ["a", "b"]}, "repetition_penalty": 1.2, "logprobs": 0})
     assert params.structured_outputs.choice == ["a", "b"] and params.seed == 7
+    assert (params.repetition_penalty, params.logprobs) == (1.2, 0)
     assert to_sampling_params(SamplingParams, SamplingSpec(), 7).structured_outputs is None

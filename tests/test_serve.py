@@ -396,3 +396,40 @@ def test_serve_options_bound_every_queue():
 
 if os.environ.get("GENFARM_SKIP_SERVE"):  # pragma: no cover - a switch for quick local runs
     pytestmark = pytest.mark.skip("GENFARM_SKIP_SERVE is set")
+
+
+VERDICT = {"type": "object", "required": ["sentiment", "urgent"], "additionalProperties": False,
+           "properties": {"sentiment": {"enum": ["positive", "negative"]}, "urgent": {"type": "boolean"}}}
+
+
+def test_structured_outputs_online(service):
+    from typing import Literal
+
+    import jsonschema
+    import pydantic
+
+    class Verdict(pydantic.BaseModel):
+        sentiment: Literal["positive", "negative"]
+        urgent: bool
+
+    messages = [{"role": "user", "content": "Is this review positive? bees"}]
+    parsed = service.client().chat.completions.parse(model=service.model, messages=messages, response_format=Verdict,
+                                                     max_tokens=40, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)  # the openai SDK's parse, unchanged
+    raw = service.post("/v1/chat/completions", json={
+        "model": service.model, "messages": messages, "max_tokens": 40, "temperature": 0.8,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": VERDICT, "strict": True}}})
+    assert raw.status_code == 200, raw.text
+    jsonschema.validate(json.loads(raw.json()["choices"][0]["message"]["content"]), VERDICT)
+    for body in ({"structured_outputs": {"choice": ["spam", "ham"]}}, {"guided_choice": ["spam", "ham"]}):
+        chosen = service.post("/v1/completions", json={"model": service.model, "prompt": "mail", "max_tokens": 4,
+                                                       **body})
+        assert chosen.status_code == 200 and chosen.json()["choices"][0]["text"] in ("spam", "ham"), chosen.text
+    bad = service.post("/v1/chat/completions", json={
+        "model": service.model, "messages": messages,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": {"type": "objekt"}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format", bad.text
+    both = service.post("/v1/chat/completions", json={"model": service.model, "messages": messages,
+                                                      "response_format": {"type": "json_object"},
+                                                      "guided_choice": ["a", "b"]})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "guided_choice"

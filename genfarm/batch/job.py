@@ -16,11 +16,14 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import pyarrow.compute as pc
+
 from genfarm import models
 from genfarm.batch.datasource import PromptSource
 from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
 from genfarm.batch.progress import JobProgress
 from genfarm.batch.source import count_work_rows, infer_schema, list_inputs
+from genfarm.batch.worker import OWN_COLUMNS, GenerateWorker, record_failures
 from genfarm.cluster import use_local_ray_env
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
@@ -36,6 +39,9 @@ def fingerprint_parts(job: JobSpec, model: models.ResolvedModel) -> dict:
         "sampling": job.sampling.model_dump(mode="json"),
         "engine": {"max_model_len": job.engine.max_model_len, "long_prompts": job.engine.long_prompts},
         "input": {"id_column": job.input.id_column},
+        # Quality settings change which texts are kept; left at their defaults they add nothing (earlier folders
+        # resume as they were).
+        **({"quality": job.quality.model_dump(mode="json")} if job.quality.model_fields_set else {}),
     }
 
 
@@ -102,6 +108,10 @@ class Plan:
 def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
     """Every check a user can fail, before Ray starts: task, input, columns, model, output folder."""
     task = make_task(job.task)  # compiles templates: syntax errors surface before anything starts
+    clash = sorted(set(task.output_schema()) & OWN_COLUMNS)
+    if clash:
+        raise UserError("task", f"the task's output columns {', '.join(clash)} are genfarm's own",
+                        "rename them (e.g. the schema's properties)")
     fs, files = list_inputs(job.input)
     schema = infer_schema(fs, files[0])
     for column in task.required_columns() + ([job.input.id_column] if job.input.id_column else []):
@@ -178,8 +188,6 @@ def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: i
     restarted actor at most `retries` times, then left for the next pass instead of failing the job."""
     import ray
 
-    from genfarm.batch.worker import GenerateWorker
-
     job = plan.job
     gpus = ray.cluster_resources().get("GPU", 0)
     gpu = use_gpu(job.engine, gpus)
@@ -209,18 +217,14 @@ def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: i
 
 def record_pass(plan: Plan, progress: JobProgress) -> None:
     """Rows that failed every try become engine_error rows, so the job ends with every row accounted for."""
-    from genfarm.batch.worker import record_failures
-
-    dataset = source(plan).map_batches(record_failures, fn_kwargs={"output": plan.job.output.path,
-                                                                   "job_id": plan.job_id},
+    dataset = source(plan).map_batches(record_failures, fn_kwargs={"job": plan.job, "job_id": plan.job_id},
                                        batch_format="pyarrow", batch_size=256)
     consume(dataset, progress)
 
 
 def consume(dataset, progress: JobProgress) -> None:
     for stats in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        progress.update(sum(stats["rows"].to_pylist()), sum(stats["completion_tokens"].to_pylist()),
-                        sum(stats["errors"].to_pylist()))
+        progress.update(*(sum(stats[name].to_pylist()) for name in ("rows", "completion_tokens", "errors", "flagged")))
 
 
 def summarize(plan: Plan, seconds: float, run_tokens: int) -> dict:
@@ -242,8 +246,19 @@ def summarize(plan: Plan, seconds: float, run_tokens: int) -> dict:
         "run_completion_tokens": run_tokens,
         "run_tokens_per_second": round(run_tokens / seconds, 1) if seconds else 0.0,
         "output": store.uri,
+        "quality": quality_counts(store, plan.job.sampling.n),
         **plan.task.summary(store),
         "finished_at": _now(),
+    }
+
+
+def quality_counts(store: Ledger, n: int) -> dict:
+    """Result rows by quality: flagged (a check still failed), regenerated, each check's failures, the fixes."""
+    return {
+        "flagged_rows": store.count_rows(pc.list_value_length(pc.field("quality")) > 0) // n,
+        "regenerated_rows": store.count_rows(pc.field("attempts") > 1) // n,
+        "failed_checks": store.value_counts("quality"),
+        "fixes": store.value_counts("quality_fixes"),
     }
 
 

@@ -145,15 +145,23 @@ class Ledger:
         return total
 
     def value_counts(self, column: str, errors: bool = False, folder: str | None = None) -> dict[str, int]:
-        """How often each value of a column occurs over every committed part (e.g. error types)."""
+        """How often each value of a column occurs over every committed part (e.g. error types); a list column
+        counts the values in its lists."""
         counts: dict[str, int] = {}
         for part in self.parts(errors, folder=folder):
             values = pq.read_table(part, columns=[column], filesystem=self.fs).column(column)
+            if pa.types.is_list(values.type):
+                values = pc.list_flatten(values)
             for item in pc.value_counts(values).to_pylist():
                 counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
         return counts
 
     # --- un-committing ---------------------------------------------------------------------------------------
+    def count_rows(self, where) -> int:
+        """Committed result rows that match a filter expression, e.g. pc.field("attempts") > 1."""
+        parts = self.parts()
+        return ds.dataset(parts, filesystem=self.fs, format="parquet").count_rows(filter=where) if parts else 0
+
     def take_errors(self, types: list[str] | None, label: str) -> int:
         """Un-commit error rows (all, or those of the given types) so the next run generates them again.
 

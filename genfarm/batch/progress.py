@@ -19,17 +19,19 @@ class JobProgress:
     """A rich progress bar when attached to a terminal, a plain line every few seconds otherwise."""
 
     def __init__(self, total: int, already_done: int, enabled: bool = True):
-        self.total, self.done, self.tokens, self.errors = total, already_done, 0, 0
+        self.total, self.done, self.tokens, self.errors, self.flagged = total, already_done, 0, 0, 0
         self.console = Console(stderr=True)
         self.live = enabled and self.console.is_terminal
         self.enabled = enabled
         self.t0 = self.last_line = time.monotonic()
         self.bar = Progress(
             TextColumn("[bold]generating"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} rows"),
-            TokensPerSecond(), TextColumn("{task.fields[errors]} errors"), TimeElapsedColumn(), TextColumn("ETA"),
+            TokensPerSecond(), TextColumn("{task.fields[errors]} errors"),
+            TextColumn("{task.fields[flagged]} flagged"), TimeElapsedColumn(), TextColumn("ETA"),
             TimeRemainingColumn(), console=self.console, transient=False,
         )
-        self.task_id = self.bar.add_task("job", total=total, completed=already_done, tokens=0, errors=0, t0=self.t0)
+        self.task_id = self.bar.add_task("job", total=total, completed=already_done, tokens=0, errors=0, flagged=0,
+                                     t0=self.t0)
 
     def __enter__(self) -> JobProgress:
         if self.live:
@@ -40,13 +42,16 @@ class JobProgress:
         if self.live:
             self.bar.stop()
 
-    def update(self, rows: int, tokens: int, errors: int) -> None:
+    def update(self, rows: int, tokens: int, errors: int, flagged: int = 0) -> None:
         self.done += rows
         self.tokens += tokens
         self.errors += errors
-        self.bar.update(self.task_id, completed=self.done, tokens=self.tokens, errors=self.errors)
+        self.flagged += flagged
+        self.bar.update(self.task_id, completed=self.done, tokens=self.tokens, errors=self.errors,
+                        flagged=self.flagged)
         if self.enabled and not self.live and time.monotonic() - self.last_line > 5:
             self.last_line = time.monotonic()
             elapsed = self.last_line - self.t0
             self.console.print(f"{self.done:,}/{self.total:,} rows, {self.tokens / elapsed:,.0f} tok/s, "
-                               f"{self.errors} errors, {elapsed:,.0f}s elapsed", highlight=False)
+                               f"{self.errors} errors, {self.flagged} flagged, {elapsed:,.0f}s elapsed",
+                               highlight=False)

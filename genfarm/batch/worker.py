@@ -6,17 +6,18 @@ through the driver: the actor commits its own parts and hands back only counts f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from genfarm.batch.attempts import Sample, Work, generate_checked
 from genfarm.batch.ledger import Ledger, part_name, source_key
 from genfarm.batch.source import META_COLUMNS
 from genfarm.engine import Engine, EngineDead, PromptTooLong
 from genfarm.models import ResolvedModel
+from genfarm.quality import checks_in_force
 from genfarm.rows import RowError
 from genfarm.spec import JobSpec, SamplingSpec
 from genfarm.task import RowSampling, make_task
@@ -28,13 +29,16 @@ ERROR_SCHEMA = pa.schema([
 ])
 STATS_SCHEMA = pa.schema([
     ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
-    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("flagged", pa.int64()),
 ])
 SAMPLING_TYPE = pa.struct([("temperature", pa.float64()), ("top_p", pa.float64()), ("max_tokens", pa.int64()),
                            ("n", pa.int64()), ("seed", pa.int64()), ("stop", pa.list_(pa.string()))])
 GENERATED_FIELDS = [
     ("prompt", pa.string()), ("output_text", pa.string()), ("sample_index", pa.int32()),
     ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+    ("quality", pa.list_(pa.string())),  # the quality checks the text still fails (empty: it passed them all)
+    ("quality_fixes", pa.list_(pa.string())),  # what was done to the text ("trimmed")
+    ("attempts", pa.int32()),  # generations it took (more than 1: regenerated after a failed check)
 ]
 PROVENANCE_FIELDS = [
     ("model", pa.string()), ("model_revision", pa.string()), ("sampling", SAMPLING_TYPE), ("job_id", pa.string()),
@@ -42,10 +46,12 @@ PROVENANCE_FIELDS = [
     ("started_at", pa.timestamp("ms", tz="UTC")), ("finished_at", pa.timestamp("ms", tz="UTC")),
 ]
 
+OWN_COLUMNS = {"id", *(name for name, _ in GENERATED_FIELDS), *(name for name, _ in PROVENANCE_FIELDS)}
+
 
 def output_schema(input_schema: pa.Schema, task_columns: dict[str, pa.DataType]) -> tuple[pa.Schema, dict[str, str]]:
     """Result columns, and how input columns are renamed where they collide with genfarm's own or the task's."""
-    own = {"id", *task_columns, *(n for n, _ in GENERATED_FIELDS), *(n for n, _ in PROVENANCE_FIELDS)}
+    own = OWN_COLUMNS | set(task_columns)
     rename = {f.name: (f"input_{f.name}" if f.name in own else f.name) for f in input_schema}
     fields = [pa.field("id", pa.string())]
     fields += [pa.field(rename[f.name], f.type) for f in input_schema]
@@ -55,19 +61,14 @@ def output_schema(input_schema: pa.Schema, task_columns: dict[str, pa.DataType])
     return pa.schema(fields), rename
 
 
-def row_sampling(base: SamplingSpec, wanted: RowSampling | None) -> tuple[SamplingSpec, dict | None]:
-    """The job's sampling with a task's changes for one row, and the row's structured-output constraint."""
+def row_sampling(base: SamplingSpec, wanted: RowSampling | None) -> tuple[SamplingSpec, dict, int | None]:
+    """The job's sampling with a task's changes for one row, the row's further engine parameters, its own seed."""
     if wanted is None:
-        return base, None
-    changes = {"max_tokens": wanted.max_tokens, "stop": list(wanted.stop) if wanted.stop is not None else None}
-    return base.model_copy(update={k: v for k, v in changes.items() if v is not None}), wanted.structured
-
-
-def row_seed(base: int | None, row_id: str) -> int | None:
-    """Per-row seed: the same row gets the same sample wherever and in whatever batch it runs."""
-    if base is None:
-        return None
-    return int.from_bytes(hashlib.sha256(f"{base}:{row_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+        return base, {}, None
+    changes = {"max_tokens": wanted.max_tokens, "stop": list(wanted.stop) if wanted.stop is not None else None,
+               "temperature": wanted.temperature, "top_p": wanted.top_p, "n": wanted.n}
+    changed = base.model_copy(update={k: v for k, v in changes.items() if v is not None})
+    return changed, wanted.engine_extra(), wanted.seed
 
 
 def now() -> datetime:
@@ -82,60 +83,67 @@ class GenerateWorker:
 
         self.job, self.model, self.job_id, self.run_id = job, model, job_id, run_id
         self.task = make_task(job.task)
-        self.ledger = Ledger(job.output.path)
+        self.ledger = Ledger(job.output.path, sinks=self.task.sinks(job.output.path))
         self.schema, self.rename = output_schema(input_schema, self.task.output_schema())
         if ray.is_initialized():
             context = ray.get_runtime_context()
             self.node_id, self.worker_id = context.get_node_id(), context.get_actor_id() or "driver"
         else:
             self.node_id, self.worker_id = "local", "driver"
+        self.checks = checks_in_force(job.quality, self.task.quality_defaults)
         self.engine = engine or Engine(model, job.engine, gpu)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = now()
         rows = batch.to_pylist()
         errors: list[dict] = []
-        ready: list[tuple[dict, str, list[int], SamplingSpec, dict | None]] = []
+        works: list[Work] = []
         for row in rows:
             try:
                 if row["_gf_error"]:
                     raise RowError.parse(row["_gf_error"])
                 prompt = self.task.prompt(row)
-                sampling, structured = row_sampling(self.job.sampling, self.task.sampling(row))
+                sampling, extra, seed = row_sampling(self.job.sampling, self.task.sampling(row))
                 text = self.engine.render(prompt.messages, prompt.text)
-                ready.append((row, text, self.engine.encode(text, sampling.max_tokens), sampling, structured))
+                works.append(Work(row, text, self.engine.encode(text, sampling.max_tokens), sampling, extra, seed))
             except RowError as err:
                 errors.append(self._error(row, err.kind, err.message))
             except PromptTooLong as err:
                 errors.append(self._error(row, "prompt_too_long", str(err)))
-        seeds = [row_seed(self.job.sampling.seed, item[0]["_gf_id"]) for item in ready]
         try:
-            generations = self.engine.generate([item[2] for item in ready], [item[3] for item in ready], seeds,
-                                               [item[4] for item in ready])
+            generate_checked(self.engine, self.task, works, self.job.sampling.seed, self.checks, self.job.quality,
+                             self.job.engine.max_model_len)
         except EngineDead:
             # Replace the engine the only safe way: let this actor die so Ray restarts it with a fresh one and
             # retries the batch there (bounded by workers.max_retries).
             os._exit(1)
         finished = now()
         results: list[dict] = []
-        for (row, text, _, sampling, _), seed, gen in zip(ready, seeds, generations):
-            if isinstance(gen, TimeoutError):
-                errors.append(self._error(row, "timeout", str(gen)))
+        for work in works:
+            failure = self._failure(work)
+            if failure is not None:
+                errors.append(self._error(work.row, *failure))
                 continue
-            if isinstance(gen, Exception):
-                errors.append(self._error(row, "engine_error", f"{type(gen).__name__}: {gen}"))
-                continue
-            try:
-                samples = [(completion, self.task.parse(row, completion.text)) for completion in gen.completions]
-            except RowError as err:
-                errors.append(self._error(row, err.kind, err.message))
-                continue
-            for completion, columns in samples:
-                results.append(self._result(row, text, gen.prompt_tokens, completion, columns, sampling, seed,
-                                            started, finished))
+            for sample in work.samples:
+                results.append(self._result(work, sample, started, finished))
         self._check_run()
         commit(self.ledger, rows, results, errors, self.schema)
-        return stats_row(len(rows), results, errors)
+        return stats_row(len(rows), results, errors, sum(w.generated_tokens for w in works))
+
+    def _failure(self, work: Work) -> tuple[str, str] | None:
+        """(error type, message) when a row ends as an error row rather than results."""
+        if isinstance(work.failure, TimeoutError):
+            return "timeout", str(work.failure)
+        if work.failure is not None:
+            return "engine_error", f"{type(work.failure).__name__}: {work.failure}"
+        refused = next((s.error for s in work.samples if s.error is not None), None)
+        if refused is not None:  # no attempt parsed: the text is not what the task asked for
+            return refused.kind, f"{refused.message} (after {work.attempts} attempts)" if work.attempts > 1 else \
+                refused.message
+        failed = sorted({name for s in work.samples for name in s.failed})
+        if failed and self.job.quality.on_failure == "error":
+            return "quality", f"failed the checks {', '.join(failed)} on each of {work.attempts} attempts"
+        return None
 
     def _check_run(self) -> None:
         """A worker that outlived its driver must not commit beside the rows of a newer run: it stops here."""
@@ -143,18 +151,20 @@ class GenerateWorker:
         if current != self.run_id:
             raise RuntimeError(f"a newer run ({current}) of this job owns {self.ledger.uri}; this worker stops")
 
-    def _result(self, row, prompt_text, prompt_tokens, completion, columns, sampling, seed, started,
-                finished) -> dict:
+    def _result(self, work: Work, sample: Sample, started: datetime, finished: datetime) -> dict:
+        row, completion, sampling = work.row, sample.completion, sample.sampling
         out = {"id": row["_gf_id"]}
         out.update({self.rename[k]: v for k, v in row.items() if k not in META_COLUMNS})
-        out.update(columns)
+        out.update(sample.columns)
         out.update({
-            "prompt": prompt_text, "output_text": completion.text, "sample_index": completion.index,
-            "finish_reason": completion.finish_reason, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion.completion_tokens, "model": self.model.name,
+            "prompt": work.prompt, "output_text": completion.text, "sample_index": completion.index,
+            "finish_reason": completion.finish_reason, "prompt_tokens": work.prompt_tokens,
+            "completion_tokens": completion.completion_tokens, "quality": sample.failed,
+            "quality_fixes": sample.fixes, "attempts": work.attempts, "model": self.model.name,
             "model_revision": self.model.revision,
             "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                         "max_tokens": sampling.max_tokens, "n": sampling.n, "seed": seed, "stop": list(sampling.stop)},
+                         "max_tokens": sampling.max_tokens, "n": sampling.n, "seed": sample.seed,
+                         "stop": list(sampling.stop)},
             "job_id": self.job_id, "worker_id": self.worker_id, "node_id": self.node_id,
             "source_file": row["_gf_source"], "source_row": row["_gf_row"],
             "started_at": started, "finished_at": finished,
@@ -191,15 +201,18 @@ def commit(ledger: Ledger, rows: list[dict], results: list[dict], errors: list[d
             ledger.commit(pa.Table.from_pylist(source_results, schema=schema), name)
 
 
-def stats_row(rows: int, results: list[dict], errors: list[dict]) -> pa.Table:
+def stats_row(rows: int, results: list[dict], errors: list[dict], generated_tokens: int | None = None) -> pa.Table:
+    """The counts the driver's progress display gets; `generated_tokens` counts every attempt (engine work)."""
     return pa.Table.from_pylist([{
         "rows": rows, "results": len(results), "errors": len(errors),
         "prompt_tokens": sum(r["prompt_tokens"] for r in results if r["sample_index"] == 0),
-        "completion_tokens": sum(r["completion_tokens"] for r in results),
+        "completion_tokens": sum(r["completion_tokens"] for r in results) if generated_tokens is None
+        else generated_tokens,
+        "flagged": sum(1 for r in results if r["quality"] and r["sample_index"] == 0),
     }], schema=STATS_SCHEMA)
 
 
-def record_failures(batch: pa.Table, output: str, job_id: str) -> pa.Table:
+def record_failures(batch: pa.Table, job: JobSpec, job_id: str) -> pa.Table:
     """The last pass: rows no engine could finish, even alone, are written as engine_error rows."""
     import ray
 
@@ -208,5 +221,6 @@ def record_failures(batch: pa.Table, output: str, job_id: str) -> pa.Table:
     message = "the engine actor died on this row on every try (see workers.max_retries)"
     errors = [error_row(row, *(row["_gf_error"].split(": ", 1) if row["_gf_error"] else ("engine_error", message)),
                         job_id, "", node_id) for row in rows]
-    commit(Ledger(output), rows, [], errors, ERROR_SCHEMA)
+    output = job.output.path
+    commit(Ledger(output, sinks=make_task(job.task).sinks(output)), rows, [], errors, ERROR_SCHEMA)
     return stats_row(len(rows), [], errors)

@@ -33,9 +33,9 @@ class Engine(PromptEncoder):
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: list[list[int]], sampling: list[SamplingSpec], seeds: list[int | None],
-                 structured: list[dict | None] | None = None) -> list:
+                 extras: list[dict | None] | None = None) -> list:
         """One Generation per prompt, or the exception that prompt alone raised (a rejected prompt, a timeout).
-        `structured` holds each prompt's output constraint (see to_sampling_params), or is None for none at all.
+        `extras` holds each prompt's further sampling parameters (see to_sampling_params), or is None for none.
 
         Thread-safe: batches from several threads feed one engine loop, so the engine never idles while one
         batch waits for its longest answer. Raises EngineDead if the engine itself failed.
@@ -43,10 +43,10 @@ class Engine(PromptEncoder):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        constraints = structured if structured is not None else [None] * len(prompts)
+        extras = extras if extras is not None else [None] * len(prompts)
         batch = _Batch(len(prompts))
-        for index, (ids, spec, seed, constraint) in enumerate(zip(prompts, sampling, seeds, constraints)):
-            params = to_sampling_params(SamplingParams, spec, seed, constraint)
+        for index, (ids, spec, seed, extra) in enumerate(zip(prompts, sampling, seeds, extras)):
+            params = to_sampling_params(SamplingParams, spec, seed, extra)
             params.output_kind = RequestOutputKind.FINAL_ONLY
             self._inbox.put((batch, index, ids, params))
         batch.done.wait()

@@ -31,15 +31,15 @@ class AsyncEngine(PromptEncoder):
         self._request_ids = itertools.count()
         reap_children_on_exit()
 
-    def params(self, sampling: SamplingSpec, seed: int | None, structured: dict | None = None):
+    def params(self, sampling: SamplingSpec, seed: int | None, extra: dict | None = None):
         """vLLM's sampling parameters for streaming; a ValueError names what vLLM refuses (e.g. n > 1 when greedy).
-        `structured` is the request's output constraint (see to_sampling_params), None for none."""
+        `extra` holds the request's further sampling parameters (see to_sampling_params), e.g. its constraint."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         try:
-            params = to_sampling_params(SamplingParams, sampling, seed, structured)
+            params = to_sampling_params(SamplingParams, sampling, seed, extra)
         except (ValueError, VLLMClientError) as err:
             raise InvalidRequest(str(err)) from None
         params.output_kind = RequestOutputKind.DELTA

@@ -32,6 +32,45 @@ class SamplingParams(Body):
     user: str | None = Field(None, description="Accepted for compatibility; not used.")
 
 
+class JsonSchemaFormat(Body):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(Body):
+    """OpenAI's response_format: free text, any JSON object, or JSON following a schema (guided decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Body):
+    """vLLM's structured_outputs: exactly one of json (a schema), regex, choice, grammar (EBNF), json_object."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Constraints(Body):
+    """Ways to ask for a structured answer on the OpenAI routes: OpenAI's response_format, vLLM's
+    structured_outputs and its older guided_* parameters. At most one may be given."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_regex: str | None = None
+
+
 class TextPart(Body):
     type: Literal["text"]
     text: str
@@ -46,7 +85,7 @@ class ChatMessage(Body):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class ChatRequest(SamplingParams):
+class ChatRequest(SamplingParams, Constraints):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
@@ -54,7 +93,7 @@ class ChatRequest(SamplingParams):
     stream_options: StreamOptions | None = None
 
 
-class CompletionRequest(SamplingParams):
+class CompletionRequest(SamplingParams, Constraints):
     model: str
     prompt: str | list[str] = Field(description="One prompt (a list holding one prompt is accepted too).")
     stream: bool = False

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from genfarm.rows import Prompt
 from genfarm.serve import protocol as api
+from genfarm.serve.constraints import constraint
 from genfarm.serve.replica import current_server
 from genfarm.serve.responses import APIError, ChatChunks, TextChunks, usage
 from genfarm.serve.server import GenfarmServer, direct_url
@@ -52,6 +53,7 @@ async def list_models(server: GenfarmServer = Server):
 @router.post("/v1/chat/completions", responses={200: {"model": api.ChatResponse, **STREAM_DOC}, **ERRORS_DOC})
 async def chat_completions(body: api.ChatRequest, server: GenfarmServer = Server):
     call = server.start("chat", body.model)
+    extra = {"structured": structured(call, body)}
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     sampling = server.sampling(body, body.max_completion_tokens or body.max_tokens)
     ids = server.encode(call, Prompt(messages=messages), sampling)
@@ -59,8 +61,9 @@ async def chat_completions(body: api.ChatRequest, server: GenfarmServer = Server
     model = server.spec.model.name
     if body.stream:
         return await server.stream(call, ids, sampling, body.seed, ChatChunks(rid, model),
-                                   include_usage=bool(body.stream_options and body.stream_options.include_usage))
-    [(texts, reasons)] = await server.complete(call, [ids], sampling, body.seed)
+                                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                                   extra=extra)
+    [(texts, reasons)] = await server.complete(call, [ids], sampling, body.seed, extra)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                          "logprobs": None} for i, (text, reason) in enumerate(zip(texts, reasons))],
@@ -70,6 +73,7 @@ async def chat_completions(body: api.ChatRequest, server: GenfarmServer = Server
 @router.post("/v1/completions", responses={200: {"model": api.CompletionResponse, **STREAM_DOC}, **ERRORS_DOC})
 async def completions(body: api.CompletionRequest, server: GenfarmServer = Server):
     call = server.start("completions", body.model)
+    extra = {"structured": structured(call, body)}
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise call.error(APIError(400, f"prompt holds {len(prompts)} prompts; send one prompt per request",
@@ -81,12 +85,21 @@ async def completions(body: api.CompletionRequest, server: GenfarmServer = Serve
     model = server.spec.model.name
     if body.stream:
         return await server.stream(call, ids, sampling, body.seed, TextChunks(rid, model, echo),
-                                   include_usage=bool(body.stream_options and body.stream_options.include_usage))
-    [(texts, reasons)] = await server.complete(call, [ids], sampling, body.seed)
+                                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                                   extra=extra)
+    [(texts, reasons)] = await server.complete(call, [ids], sampling, body.seed, extra)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "text": echo + text, "finish_reason": reason, "logprobs": None}
                         for i, (text, reason) in enumerate(zip(texts, reasons))],
             "usage": usage(len(ids), call.tokens)}
+
+
+def structured(call, body: api.Constraints) -> dict | None:
+    """The request's structured-output constraint; a bad one is a 400 counted in the metrics."""
+    try:
+        return constraint(body)
+    except APIError as err:
+        raise call.error(err) from None
 
 
 def task_router(routes: dict[str, Route]) -> APIRouter:

@@ -64,7 +64,7 @@ class GenfarmServer:
         self.spec = spec = ServeSpec.model_validate(config)
         gpu = use_gpu(spec.engine, len(ray.get_gpu_ids()))
         self.engine = AsyncEngine(models.resolve(spec.model.name, spec.model.revision), spec.engine, gpu)
-        self.limiter = Limiter(spec.limits.concurrency(spec.engine), spec.limits.max_queued)
+        self.limiter = Limiter(spec.limits.concurrency(spec.engine, gpu), spec.limits.max_queued)
         self.metrics = ReplicaMetrics(lambda: self.limiter.running, lambda: self.limiter.waiting,
                                       self.engine.llm.get_num_unfinished_requests)
         ReplicaState.keys, ReplicaState.metrics, ReplicaState.server = api_keys(spec), self.metrics, self
@@ -103,9 +103,9 @@ class GenfarmServer:
             "stop": default.stop if stop is None else stop,
         })
 
-    def params(self, call: Call, sampling: SamplingSpec, seed: int | None):
+    def params(self, call: Call, sampling: SamplingSpec, seed: int | None, extra: dict | None = None):
         try:
-            return self.engine.params(sampling, seed)
+            return self.engine.params(sampling, seed, extra)
         except InvalidRequest as err:  # vLLM refuses this combination of parameters
             raise call.error(APIError(400, str(err), code="invalid_parameter")) from None
 
@@ -170,9 +170,11 @@ class GenfarmServer:
                 reasons[c.index] = c.finish_reason or reasons[c.index]
         return texts, reasons
 
-    async def complete(self, call: Call, prompts: list[list[int]], sampling: SamplingSpec, seed: int | None):
-        """Whole answers to one or more prompts (the segments of one translation share the request's slot)."""
-        params = self.params(call, sampling, seed)
+    async def complete(self, call: Call, prompts: list[list[int]], sampling: SamplingSpec, seed: int | None,
+                       extra: dict | None = None):
+        """Whole answers to one or more prompts (the segments of one translation share the request's slot);
+        `extra`: further sampling parameters (a structured-output constraint)."""
+        params = self.params(call, sampling, seed, extra)
         slot = await self.admit(call)
         try:
             async with asyncio.TaskGroup() as group:  # one failing prompt cancels its siblings
@@ -199,8 +201,8 @@ class GenfarmServer:
         return call.error(err)
 
     async def stream(self, call: Call, ids: list[int], sampling: SamplingSpec, seed: int | None, chunks,
-                     include_usage: bool) -> StreamingResponse:
-        params = self.params(call, sampling, seed)
+                     include_usage: bool, extra: dict | None = None) -> StreamingResponse:
+        params = self.params(call, sampling, seed, extra)
         slot = await self.admit(call)  # before the headers, so a full server answers 429 rather than an event
 
         async def events():

@@ -15,6 +15,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from genfarm.quality import Hints
 from genfarm.rows import Prompt, RowError, text_field
 from genfarm.serve.protocol import SamplingParams, Usage
 from genfarm.spec import JobSpec, Spec
@@ -132,6 +133,7 @@ class Translate(Task):
     route = Route("/v1/translations", TranslationRequest, TranslationResponse,
                   "Translate a text (the batch `translate` task)")
     output_columns = SENTENCE_COLUMNS
+    quality_defaults = {"language": True, "length_ratio": (0.3, 3.0)}
     config: TranslateConfig
 
     def output_schema(self) -> dict[str, pa.DataType]:
@@ -166,6 +168,15 @@ class Translate(Task):
                     "segment_count": segment["count"]}
         source, target = self.languages(row)
         return {"source_language": source, "target_language": target}
+
+    def hints(self, row: dict) -> Hints:
+        """The translation should be in the target language and about as long as its source."""
+        segment = _segment(row)
+        try:
+            target = segment["target_language"] if segment else languages.to_code(self.languages(row)[1])
+        except (RowError, languages.UnknownLanguage):
+            target = None  # a language the checks cannot name is not checked
+        return Hints(language=target, source=row.get(self.config.columns.get("text", "text")))
 
     # --- documents: one row per segment, reassembled at the end -----------------------------------------------
     def expander(self, job: JobSpec, model_path: str) -> DocumentSplitter | None:

@@ -1,6 +1,7 @@
-"""An echo engine, for plumbing tests only: it "generates" the last words of each prompt back, instantly and
-deterministically, with no model. It stands in for genfarm.engine.Engine where a test checks what genfarm does around
-generation (rows, columns, errors, the ledger), never what a model writes: those tests run the real vLLM engine."""
+"""An echo engine, for plumbing tests only (the fast layer in tests/unit: no Ray, no vLLM): it "generates" the last
+words of each prompt back, instantly and deterministically, with no model. It stands in for genfarm.engine.Engine
+where a test checks what genfarm does around generation (rows, columns, errors, the ledger), never what a model
+writes: those tests run the real vLLM engine."""
 
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ class EchoEngine:
                 self.vocabulary.append(word)
         return [self.vocabulary.index(word) for word in words]
 
-    def generate(self, prompts, sampling, seeds, structured=None) -> list:
+    def generate(self, prompts, sampling, seeds, extras=None) -> list:
         results = []
         for index, (ids, spec, seed) in enumerate(zip(prompts, sampling, seeds)):
-            self.requests.append((ids, spec, seed, structured[index] if structured else None))
+            self.requests.append((ids, spec, seed, extras[index] if extras else None))
             words = [self.vocabulary[i] for i in ids][-spec.max_tokens:]
             if self.fail_on is not None and self.fail_on in words:
                 results.append(ValueError(f"echo engine refuses {self.fail_on!r}"))

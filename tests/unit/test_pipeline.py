@@ -101,8 +101,8 @@ def test_expander_work_rows_per_row_sampling_and_parse_errors(tmp_path):
     assert list(out["id"]) == ["d1/0", "d1/2"] and list(out["sentence_no"]) == [0, 2]
     assert str(out["sentence_no"].dtype) == "int32" and "_gf_task" not in out.columns
     assert out["sampling"].iloc[0]["max_tokens"] == 3  # the task's own budget, recorded
-    assert all(spec.max_tokens == 3 and structured == {"choice": ["a", "b"]}
-               for _, spec, _, structured in engine.requests)
+    assert all(spec.max_tokens == 3 and extra["structured"] == {"choice": ["a", "b"]}
+               for _, spec, _, extra in engine.requests)
     errors = pd.read_parquet(tmp_path / "out" / "_errors")
     assert list(errors["id"]) == ["d1/1"] and list(errors["error_type"]) == ["bad_type"]
 
