@@ -19,6 +19,7 @@ ERROR_TYPES = (
     "timeout",  # generation took longer than the per-request limit
     "invalid_output",  # the generated text is not what the task asked for (no JSON, not a choice, fails the schema)
     "quality",  # the text failed the job's quality checks on every try (with quality.on_failure: error)
+    "invalid_request",  # an API request row the online API would refuse (openai task: url, body, model)
 )
 
 

@@ -39,8 +39,9 @@ class Spec(BaseModel):
 
 class InputSpec(Spec):
     path: str = Field(description="File, folder, glob or URI (s3://, gs://, ...) of Parquet, JSONL or CSV rows.")
-    format: Literal["auto", "parquet", "jsonl", "csv", "text"] = Field(
-        "auto", description="auto goes by file extension; text: each file is one document (Markdown or plain text)."
+    format: Literal["auto", "parquet", "jsonl", "csv", "text", "openai-batch"] = Field(
+        "auto", description="auto goes by file extension (and a JSONL file of OpenAI batch requests by its shape); "
+        "text: each file is one document (Markdown or plain text); openai-batch: OpenAI's batch input file."
     )
     id_column: str | None = Field(None, description="Column holding a unique row id; default: FILE:ROW_NUMBER.")
     limit: int | None = Field(None, ge=1, description="Only the first N rows of each file (for trying a job out).")

@@ -27,6 +27,10 @@ from genfarm.task import Expander
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
            ".csv": "csv"}
+# OpenAI's batch input file: JSONL lines {custom_id, method, url, body}, read as rows of these four text columns
+# (the body as JSON text) whose custom_id is the row id; a .jsonl file whose first line has these keys is one.
+OPENAI_BATCH = "openai-batch"
+OPENAI_BATCH_SCHEMA = pa.schema([(name, pa.string()) for name in ("custom_id", "method", "url", "body")])
 META_COLUMNS = ["_gf_id", "_gf_source", "_gf_row", "_gf_error", "_gf_raw", "_gf_task"]
 META_SCHEMA = pa.schema([("_gf_id", pa.string()), ("_gf_source", pa.string()), ("_gf_row", pa.int64()),
                          ("_gf_error", pa.string()), ("_gf_raw", pa.string()),
@@ -65,6 +69,8 @@ def list_inputs(spec: InputSpec) -> tuple[pafs.FileSystem, list[InputFile]]:
     files = []
     for path in paths:
         fmt = spec.format if spec.format != "auto" else FORMATS.get(os.path.splitext(path)[1].lower())
+        if spec.format == "auto" and fmt == "jsonl" and _is_openai_batch(fs, path):
+            fmt = OPENAI_BATCH
         if fmt is None:
             if len(paths) == 1:
                 raise UserError("input.format", f"cannot tell the format of {path}",
@@ -89,20 +95,46 @@ def read_rows(fs: pafs.FileSystem, file: InputFile) -> Iterator[tuple[dict | Non
             yield {"text": stream.read().decode("utf-8", errors="replace")}, None, None
     elif file.format == "csv":
         yield from _read_csv(fs, file)
+    elif file.format == OPENAI_BATCH:
+        for row, error, raw in _read_jsonl(fs, file):
+            yield (None if row is None else _openai_request(row)), error, raw
     else:
-        with fs.open_input_stream(file.path) as stream:
-            for number, line in enumerate(_lines(stream), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield None, f"bad_json: line {number}: {err.msg}", line
-                    continue
-                if not isinstance(row, dict):
-                    yield None, f"bad_json: line {number}: expected a JSON object, got {type(row).__name__}", line
-                else:
-                    yield row, None, None
+        yield from _read_jsonl(fs, file)
+
+
+def _read_jsonl(fs: pafs.FileSystem, file: InputFile):
+    with fs.open_input_stream(file.path) as stream:
+        for number, line in enumerate(_lines(stream), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield None, f"bad_json: line {number}: {err.msg}", line
+                continue
+            if not isinstance(row, dict):
+                yield None, f"bad_json: line {number}: expected a JSON object, got {type(row).__name__}", line
+            else:
+                yield row, None, None
+
+
+def _openai_request(line: dict) -> dict:
+    """An OpenAI batch request line as a row of text columns: the body as JSON text, a value that should be text
+    but is not as its JSON (for the task to refuse); other keys are dropped, as OpenAI ignores them."""
+    row = {key: line.get(key) for key in OPENAI_BATCH_SCHEMA.names}
+    return {key: value if value is None or (isinstance(value, str) and key != "body")
+            else json.dumps(value, ensure_ascii=False) for key, value in row.items()}
+
+
+def _is_openai_batch(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether a JSONL file's first line is an OpenAI batch request (custom_id, method, url, body)."""
+    with fs.open_input_stream(path) as stream:
+        first = next((line for line in _lines(stream) if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and set(OPENAI_BATCH_SCHEMA.names) <= set(row)
 
 
 def _lines(stream) -> Iterator[str]:
@@ -148,6 +180,8 @@ def infer_schema(fs: pafs.FileSystem, file: InputFile) -> pa.Schema:
         return pq.read_schema(file.path, filesystem=fs)
     if file.format == "text":
         return pa.schema([("text", pa.string())])
+    if file.format == OPENAI_BATCH:
+        return OPENAI_BATCH_SCHEMA
     sample = []
     for row, _, _ in read_rows(fs, file):
         if row is not None:
@@ -198,15 +232,16 @@ def count_work_rows(fs: pafs.FileSystem, files: list[InputFile], spec: InputSpec
 def source_rows(fs, file: InputFile, spec: InputSpec, expander: Expander | None = None) -> Iterator[dict]:
     """Every row of a file in order, with its id and meta columns; an expander turns each into its work rows."""
     seen: set[str] = set()
+    id_column = spec.id_column or ("custom_id" if file.format == OPENAI_BATCH else None)
     for number, (row, error, raw) in enumerate(read_rows(fs, file)):
         if spec.limit and number >= spec.limit:
             break
         row_id = file.name if file.format == "text" else f"{file.name}:{number}"
-        if row is not None and spec.id_column:
-            if row.get(spec.id_column) is None:
-                error, raw, row = f"missing_field: id column {spec.id_column!r} is missing or null", _dump(row), None
+        if row is not None and id_column:
+            if row.get(id_column) is None:
+                error, raw, row = f"missing_field: id column {id_column!r} is missing or null", _dump(row), None
             else:
-                row_id = str(row[spec.id_column])
+                row_id = str(row[id_column])
                 if row_id in seen:
                     error, raw, row = f"duplicate_id: id {row_id!r} appears twice in {file.name}", _dump(row), None
                 seen.add(row_id)

@@ -1,0 +1,198 @@
+"""OpenAI batch files in-process: reading them (shape detection, custom_id ids, typed line errors), the `openai`
+task's validation (the online API's rules), and the sink's output and error lines (the openai SDK's types), with
+the echo engine."""
+
+from __future__ import annotations
+
+import json
+
+import openai.types as oai
+import pandas as pd
+import pytest
+from echo_engine import EchoEngine
+from openai.types.batch_error import BatchError
+from openai.types.chat import ChatCompletion
+
+from genfarm.batch import openai_files
+from genfarm.batch.ledger import Ledger
+from genfarm.batch.source import infer_schema, list_inputs, source_rows, to_block
+from genfarm.batch.worker import GenerateWorker
+from genfarm.models import ResolvedModel
+from genfarm.rows import RowError
+from genfarm.spec import InputSpec, JobSpec
+from genfarm.task import FinishedJob, make_task
+
+MODEL = ResolvedModel("echo", "/nowhere", "none")
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
+
+def line(custom_id, body: dict | None = None, url: str = CHAT, method: str = "POST", **extra) -> dict:
+    body = body if body is not None else {"model": "echo", "messages": [{"role": "user", "content": "hi there"}]}
+    return {"custom_id": custom_id, "method": method, "url": url, "body": body, **extra}
+
+
+def chat(custom_id, text="tell me about bees", **params) -> dict:
+    return line(custom_id, {"model": "echo", "messages": [{"role": "user", "content": text}], **params})
+
+
+def completion(custom_id, prompt="once upon a time", **params) -> dict:
+    return line(custom_id, {"model": "echo", "prompt": prompt, **params}, url=COMPLETIONS)
+
+
+def write(path, lines: list) -> str:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return str(path)
+
+
+def job_for(tmp_path, lines: list, **task) -> JobSpec:
+    return JobSpec.model_validate({
+        "input": {"path": write(tmp_path / "requests.jsonl", lines)},
+        "task": {"type": "openai", "models": ["echo"], **task},
+        "sampling": {"max_tokens": 4, "seed": 1}, "output": {"path": str(tmp_path / "out")}})
+
+
+def run(job: JobSpec, engine: EchoEngine | None = None) -> dict:
+    """What one engine actor does with every row, as one batch, then the task's finish hook."""
+    fs, files = list_inputs(job.input)
+    schema = infer_schema(fs, files[0])
+    rows = [row for file in files for row in source_rows(fs, file, job.input)]
+    Ledger(job.output.path).write_json("_genfarm/job.json", {"job_id": "job-1", "spec": job.model_dump(mode="json")})
+    Ledger(job.output.path).start_run("run-1", "now")
+    worker = GenerateWorker(job, MODEL, False, schema, "job-1", "run-1", engine=engine or EchoEngine())
+    stats = worker(to_block(rows, schema)).to_pylist()[0]
+    make_task(job.task).finish(FinishedJob(job.output.path, fs, files, job.input, None, "job-1"))
+    return stats
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(x) for x in open(path).read().splitlines()]
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+def test_a_batch_file_is_known_by_its_shape_and_its_custom_ids_are_the_row_ids(tmp_path):
+    path = write(tmp_path / "requests.jsonl", [chat("a"), "{not json", chat("b", max_tokens=3), chat("a"),
+                                               {"method": "POST", "url": CHAT, "body": {}}, line(7)])
+    fs, [file] = list_inputs(InputSpec(path=path))
+    assert file.format == "openai-batch"
+    assert infer_schema(fs, file).names == ["custom_id", "method", "url", "body"]
+    rows = list(source_rows(fs, file, InputSpec(path=path)))
+    assert [r["_gf_id"] for r in rows] == ["a", "requests.jsonl:1", "b", "a", "requests.jsonl:4", "7"]
+    assert [(r["_gf_error"] or "").split(":")[0] for r in rows] == ["", "bad_json", "", "duplicate_id",
+                                                                    "missing_field", ""]
+    assert json.loads(rows[2]["body"])["max_tokens"] == 3 and rows[2]["url"] == CHAT  # the body as JSON text
+    plain = write(tmp_path / "plain.jsonl", [{"id": "x", "topic": "bees"}])
+    assert list_inputs(InputSpec(path=plain))[1][0].format == "jsonl"
+    assert list_inputs(InputSpec(path=plain, format="openai-batch"))[1][0].format == "openai-batch"
+
+
+# --- the task's validation -------------------------------------------------------------------------------------
+
+def check(row: dict, **config):
+    task = make_task(JobSpec.model_validate({"input": {"path": "x"}, "output": {"path": "y"},
+                                             "task": {"type": "openai", **config}}).task)
+    data = {k: (json.dumps(v) if k == "body" else v) for k, v in row.items()}
+    return task.prompt({**data, "_gf_id": row["custom_id"]}), task.sampling({**data, "_gf_id": row["custom_id"]})
+
+
+def refused(row: dict, **config) -> tuple[str, str | None, str]:
+    with pytest.raises(RowError) as caught:
+        check(row, **config)
+    assert caught.value.kind == "invalid_request"
+    return openai_files.parse_request_error(caught.value.message)
+
+
+def test_requests_become_prompts_and_sampling_as_the_online_api_reads_them():
+    prompt, sampling = check(chat("a", max_completion_tokens=9, temperature=0, stop="x", n=2, seed=4))
+    assert prompt.messages == [{"role": "user", "content": "tell me about bees"}] and prompt.text is None
+    assert (sampling.max_tokens, sampling.temperature, sampling.stop, sampling.n, sampling.seed) == (9, 0, ("x",), 2, 4)
+    prompt, sampling = check(completion("b", prompt=["one prompt"], max_tokens=5, top_p=0.5))
+    assert prompt.text == "one prompt" and (sampling.max_tokens, sampling.top_p, sampling.temperature) == (5, 0.5, None)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    _, sampling = check(chat("c", response_format={"type": "json_schema", "json_schema": {"name": "x",
+                                                                                          "schema": schema}}))
+    assert sampling.structured == {"json": schema, "disable_any_whitespace": True}
+
+
+def test_what_the_online_api_refuses_is_an_invalid_request_with_its_code():
+    assert refused(line("a", url="/v1/embeddings"))[0] == "invalid_url"
+    assert refused(completion("a"), endpoint=CHAT)[0] == "invalid_url"  # the batch's endpoint only
+    assert refused(line("a", method="GET"))[0] == "invalid_method"
+    assert refused(chat("a"), models=["served"]) == ("model_not_found", "model", "model 'echo' is not served here; "
+                                                     "use 'served' (GET /v1/models)")
+    assert refused(chat("a", logprobs=True))[:2] == ("invalid_parameter", "logprobs")  # unsupported, not ignored
+    code, param, message = refused(chat("a", temperature=5))
+    assert (code, param) == ("invalid_parameter", "temperature") and message.startswith("temperature: ")
+    assert refused(line("a", body={"model": "echo", "messages": []}))[1] == "messages"
+    assert refused(line("a", body=["not", "an", "object"]))[:2] == ("invalid_json", "body")
+    assert refused(chat("a", stream=True))[1] == "stream"
+    assert refused(completion("a", prompt=["one", "two"]))[1] == "prompt"
+    assert refused(chat("a", response_format={"type": "json_schema", "json_schema": {"name": "x"}}))[1] == \
+        "response_format.json_schema"
+    assert refused(chat("a", guided_regex="(", response_format=None))[:2] == ("invalid_parameter", "guided_regex")
+
+
+# --- the sink and the files ------------------------------------------------------------------------------------
+
+def test_a_job_writes_openai_output_and_error_files_every_custom_id_once(tmp_path):
+    job = job_for(tmp_path, [chat("c1"), completion("p1", echo=True), chat("c2", n=2, seed=3), "{not json",
+                             line("bad-url", url="/v1/embeddings"), chat("bad-param", temperature=9),
+                             line("other-model", {"model": "gpt-4o", "prompt": "x"}, url=COMPLETIONS),
+                             chat("long", text="word " * 300)])
+    stats = run(job)
+    assert (stats["rows"], stats["errors"]) == (8, 5)
+    out = tmp_path / "out"
+    assert len(pd.read_parquet(out)) == 4  # the Parquet results alone: c1, p1 and two samples of c2
+    outputs, errors = read_lines(out / "_openai" / "output.jsonl"), read_lines(out / "_openai" / "errors.jsonl")
+    ids = [x["custom_id"] for x in outputs + errors]
+    assert sorted(filter(None, ids)) == ["bad-param", "bad-url", "c1", "c2", "long", "other-model", "p1"]
+    assert ids.count(None) == 1  # the line that is no JSON has no custom_id
+    by_id = {x["custom_id"]: x for x in outputs + errors}
+    for custom_id in ("c1", "c2"):
+        body = ChatCompletion.model_validate(by_id[custom_id]["response"]["body"])
+        assert body.object == "chat.completion" and body.model == "echo" and body.usage.total_tokens > 0
+        assert body.usage.completion_tokens == sum(len(c.message.content.split()) for c in body.choices)
+    assert [c.index for c in ChatCompletion.model_validate(by_id["c2"]["response"]["body"]).choices] == [0, 1]
+    text = oai.Completion.model_validate(by_id["p1"]["response"]["body"])
+    assert text.object == "text_completion" and text.choices[0].text.startswith("once upon a time")  # echo
+    assert all(x["error"] is None and x["response"]["status_code"] == 200 and x["id"].startswith("batch_req_")
+               for x in outputs)
+    assert BatchError.model_validate(by_id[None]["error"]).code == "invalid_json_line"
+    assert by_id["bad-url"]["error"]["code"] == "invalid_url" and by_id["bad-url"]["response"] is None
+    refused = by_id["bad-param"]["response"]
+    assert refused["status_code"] == 400 and refused["body"]["error"]["param"] == "temperature"
+    assert by_id["other-model"]["response"]["body"]["error"]["code"] == "model_not_found"
+    assert by_id["long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    assert (out / "_openai" / "output").is_dir() and len(list((out / "_openai" / "output").iterdir())) == 1
+
+
+def test_collect_accounts_for_requests_that_never_ran(tmp_path):
+    job = job_for(tmp_path, [chat("a"), chat("b"), chat("c")])
+    fs, files = list_inputs(job.input)
+    schema = infer_schema(fs, files[0])
+    rows = list(source_rows(fs, files[0], job.input))
+    ledger = Ledger(job.output.path)
+    ledger.write_json("_genfarm/job.json", {"job_id": "job-1", "spec": job.model_dump(mode="json")})
+    ledger.start_run("run-1", "now")
+    GenerateWorker(job, MODEL, False, schema, "job-1", "run-1", engine=EchoEngine())(to_block(rows[:1], schema))
+    assert openai_files.request_counts(job.output.path) == (1, 0)
+    done = openai_files.collect(job.output.path, pending=("batch_cancelled", "the batch was cancelled"))
+    assert (done["completed"], done["failed"]) == (1, 2) and done["prompt_tokens"] > 0
+    errors = read_lines(done["errors"])
+    assert [(x["custom_id"], x["error"]["code"]) for x in errors] == [("b", "batch_cancelled"),
+                                                                       ("c", "batch_cancelled")]
+    again = openai_files.collect(job.output.path)  # rewritten whole, never appended to
+    assert (again["completed"], again["failed"]) == (1, 0)
+
+
+def test_error_rows_map_to_openai_error_lines():
+    def row(kind, message, raw='{"custom_id": "x"}'):
+        return {"id": "x", "error_type": kind, "message": message, "input": raw, "job_id": "j"}
+
+    assert openai_files.error_line(row("timeout", "too slow"))["response"]["status_code"] == 504
+    engine = openai_files.error_line(row("engine_error", "boom"))["response"]
+    assert engine["status_code"] == 500 and engine["body"]["error"]["type"] == "server_error"
+    assert openai_files.error_line(row("duplicate_id", "twice"))["error"]["code"] == "duplicate_custom_id"
+    assert openai_files.error_line(row("bad_json", "line 3", raw="{oops"))["custom_id"] is None
+    same = [openai_files.error_line(row("timeout", "t")) for _ in range(2)]
+    assert same[0] == same[1]  # a rewritten part repeats its lines exactly
