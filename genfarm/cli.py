@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Column, Table
 
-from genfarm.console import ADDRESS_HELP, err, out
+from genfarm.console import ADDRESS_HELP, err, log_path, out, system_output_to
 from genfarm.errors import UserError
 from genfarm.serve.cli import serve_app
 
@@ -47,12 +47,14 @@ def run(
     from genfarm.spec import load_job
 
     job = load_job(job_file, set_)
+    log = log_path("run")
     try:
-        summary = run_job(job, restart=restart, show_progress=progress, job_file=str(job_file))
+        with system_output_to(log):
+            summary = run_job(job, restart=restart, show_progress=progress, job_file=str(job_file))
     except KeyboardInterrupt:
         err.print("[yellow]stopped[/]: every committed part is kept; run the same command again to finish.")
         raise typer.Exit(130)
-    finish(summary, as_json)
+    finish(summary, as_json, log)
 
 
 @app.command("retry-errors")
@@ -68,15 +70,20 @@ def retry_errors(
     for kind in types:
         if kind not in ERROR_TYPES:
             raise UserError(f"--type {kind}", "unknown error type", f"use one of: {', '.join(ERROR_TYPES)}")
-    finish(retry(output, types or None, show_progress=progress), as_json=False)
+    log = log_path("retry-errors")
+    with system_output_to(log):
+        summary = retry(output, types or None, show_progress=progress)
+    finish(summary, False, log)
 
 
-def finish(summary: dict, as_json: bool) -> None:
-    """Print a job summary; exit 1 when rows are still missing."""
+def finish(summary: dict, as_json: bool, log: Path) -> None:
+    """Print a job summary (and where Ray's own messages went); exit 1 when rows are still missing."""
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
         print_summary(summary)
+        if log.is_file() and log.stat().st_size:
+            err.print(f"[dim]Ray's own messages: {log}[/]", highlight=False)
     if summary["status"] != "complete":
         raise typer.Exit(1)
 

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from genfarm import models
 from genfarm.batch.datasource import PromptSource
 from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
-from genfarm.batch.progress import JobProgress
+from genfarm.batch.progress import JobProgress, LiveTokens
 from genfarm.batch.source import count_work_rows, infer_schema, list_inputs
 from genfarm.batch.worker import OWN_COLUMNS, GenerateWorker, record_failures
 from genfarm.cluster import use_local_ray_env
@@ -103,6 +103,7 @@ class Plan:
     total: int
     task: Task
     expander: Expander | None = None  # turns input rows into several work rows (the task's), else None
+    live_tokens: object = None  # the LiveTokens actor engine actors report to, once Ray runs
 
 
 def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
@@ -144,7 +145,9 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
     start_ray(job)
     _quiet_ray_data()
     started = time.monotonic()
+    plan.live_tokens = live_token_counter()
     with JobProgress(plan.total, plan.store.count().rows(job.sampling.n), enabled=show_progress) as progress:
+        stop_following = progress.follow(plan.live_tokens)
         generate_pass(plan, progress, job.workers.batch_size, job.workers.max_retries)
         if missing(plan):
             # Some batches failed even after retries (an engine that keeps dying): retry their rows one by one,
@@ -152,10 +155,17 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
             generate_pass(plan, progress, batch_size=1, retries=0)
         if missing(plan):
             record_pass(plan, progress)
+        stop_following.set()
     plan.task.finish(FinishedJob(job.output.path, plan.fs, plan.files, job.input, plan.expander, plan.job_id))
     summary = summarize(plan, time.monotonic() - started, progress.tokens)
     plan.store.write_json(SUMMARY, summary)
     return summary
+
+
+def live_token_counter():
+    import ray
+
+    return ray.remote(num_cpus=0)(LiveTokens).remote()
 
 
 def retry_errors(output: str, types: list[str] | None, show_progress: bool = True) -> dict:
@@ -200,7 +210,7 @@ def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: i
         dataset = source(plan).map_batches(
             GenerateWorker,
             fn_constructor_kwargs={"job": job, "model": plan.model, "gpu": gpu, "input_schema": plan.schema,
-                                   "job_id": plan.job_id, "run_id": plan.run_id},
+                                   "job_id": plan.job_id, "run_id": plan.run_id, "live_tokens": plan.live_tokens},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(

@@ -1,7 +1,9 @@
-"""Live progress of a batch job: rows done/total, generated tokens/s and ETA, from the workers' stats rows."""
+"""Live progress of a batch job: rows done/total, generated tokens/s and ETA, from the workers' stats rows, and
+the engines' own running token counts (so tok/s is live from the first seconds, before any batch is done)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 from rich.console import Console
@@ -15,11 +17,35 @@ class TokensPerSecond(ProgressColumn):
         return Text(f"{rate:,.0f} tok/s", style="cyan")
 
 
+class LiveTokens:
+    """A Ray actor (no CPU) the engine actors add their generated tokens to as they go, for the driver to read."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def total(self) -> int:
+        return self.tokens
+
+
+def report_tokens(engine, counter, stop: threading.Event, every_s: float = 1.0) -> None:
+    """An engine actor's thread: sends the engine's new tokens to the job's LiveTokens counter every second."""
+    sent = 0
+    while not stop.wait(every_s):
+        current = engine.tokens_estimate
+        if current > sent:
+            counter.add.remote(current - sent)
+            sent = current
+
+
 class JobProgress:
     """A rich progress bar when attached to a terminal, a plain line every few seconds otherwise."""
 
     def __init__(self, total: int, already_done: int, enabled: bool = True):
         self.total, self.done, self.tokens, self.errors, self.flagged = total, already_done, 0, 0, 0
+        self.tokens_live = 0  # the engines' running estimate; the exact count comes with each batch's stats
         self.console = Console(stderr=True)
         self.live = enabled and self.console.is_terminal
         self.enabled = enabled
@@ -47,11 +73,35 @@ class JobProgress:
         self.tokens += tokens
         self.errors += errors
         self.flagged += flagged
-        self.bar.update(self.task_id, completed=self.done, tokens=self.tokens, errors=self.errors,
+        self.show()
+
+    def show(self) -> None:
+        self.bar.update(self.task_id, completed=self.done, tokens=self.shown_tokens, errors=self.errors,
                         flagged=self.flagged)
         if self.enabled and not self.live and time.monotonic() - self.last_line > 5:
             self.last_line = time.monotonic()
             elapsed = self.last_line - self.t0
-            self.console.print(f"{self.done:,}/{self.total:,} rows, {self.tokens / elapsed:,.0f} tok/s, "
+            self.console.print(f"{self.done:,}/{self.total:,} rows, {self.shown_tokens / elapsed:,.0f} tok/s, "
                                f"{self.errors} errors, {self.flagged} flagged, {elapsed:,.0f}s elapsed",
                                highlight=False)
+
+    @property
+    def shown_tokens(self) -> int:
+        return max(self.tokens, self.tokens_live)
+
+    def follow(self, counter, every_s: float = 1.0) -> threading.Event:
+        """Read the engines' LiveTokens counter every second until the returned event is set."""
+        import ray
+
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.tokens_live = ray.get(counter.total.remote(), timeout=every_s * 5)
+                except Exception:  # noqa: BLE001, S112 - a slow answer only delays the live figure
+                    continue
+                self.show()
+
+        threading.Thread(target=poll, name="genfarm-progress", daemon=True).start()
+        return stop

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
 from genfarm.batch.attempts import Sample, Work, generate_checked
 from genfarm.batch.ledger import Ledger, part_name, source_key
+from genfarm.batch.progress import report_tokens
 from genfarm.batch.source import META_COLUMNS
 from genfarm.engine import Engine, EngineDead, PromptTooLong
 from genfarm.models import ResolvedModel
@@ -77,8 +79,9 @@ def now() -> datetime:
 
 class GenerateWorker:
     def __init__(self, job: JobSpec, model: ResolvedModel, gpu: bool, input_schema: pa.Schema, job_id: str,
-                 run_id: str, engine=None):
-        """`engine` replaces the vLLM engine only in genfarm's plumbing tests (an echo engine, named as such)."""
+                 run_id: str, engine=None, live_tokens=None):
+        """`engine` replaces the vLLM engine only in genfarm's plumbing tests (an echo engine, named as such);
+        `live_tokens` is the job's LiveTokens actor, told of the engine's tokens as they are generated."""
         import ray
 
         self.job, self.model, self.job_id, self.run_id = job, model, job_id, run_id
@@ -92,6 +95,9 @@ class GenerateWorker:
             self.node_id, self.worker_id = "local", "driver"
         self.checks = checks_in_force(job.quality, self.task.quality_defaults)
         self.engine = engine or Engine(model, job.engine, gpu)
+        if live_tokens is not None:
+            threading.Thread(target=report_tokens, args=(self.engine, live_tokens, threading.Event()),
+                             name="genfarm-live-tokens", daemon=True).start()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = now()

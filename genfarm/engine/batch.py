@@ -23,6 +23,7 @@ class Engine(PromptEncoder):
         self._request_ids = itertools.count()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._init_error: BaseException | None = None
+        self.tokens_estimate = 0  # tokens generated so far, estimated step by step (see _run)
         ready = threading.Event()
         self._loop = threading.Thread(target=self._run, args=(engine_args(model, spec, gpu), ready),
                                       name="genfarm-engine-loop", daemon=True)
@@ -70,6 +71,7 @@ class Engine(PromptEncoder):
             return
         ready.set()
         engine = self.llm.llm_engine
+        running_cap = engine.vllm_config.scheduler_config.max_num_seqs
         pending: dict[str, tuple[_Batch, int, float]] = {}
         timeout = self.spec.request_timeout_s
         try:
@@ -87,7 +89,11 @@ class Engine(PromptEncoder):
                     pending[request_id] = (batch, index, time.monotonic())
                 if not pending:
                     continue
-                for output in engine.step():
+                outputs = engine.step()
+                # Each step decodes about one token per running request: a live figure for progress displays,
+                # long before a batch finishes (the exact counts come with the results).
+                self.tokens_estimate += min(len(pending), running_cap)
+                for output in outputs:
                     if output.finished and output.request_id in pending:
                         batch, index, _ = pending.pop(output.request_id)
                         batch.set(index, to_generation(output))

@@ -65,7 +65,8 @@ def test_plugin_modules_are_imported_before_the_task_is_read():
 
 def test_serve_config_has_every_routed_task_at_its_defaults():
     spec = ServeSpec.model_validate({"tasks": {"translate": {"source_language": "English"}}})
-    assert set(spec.tasks) == {"article", "translate"}  # the tasks with an HTTP route; template has none
+    assert {"article", "translate"} <= set(spec.tasks)  # the tasks with an HTTP route
+    assert "template" not in spec.tasks  # it has none
     assert spec.tasks["translate"].source_language == "English"
     with pytest.raises(UserError, match="tasks.translate.source_langage: unknown field. Fix: did you mean"):
         validate(ServeSpec, {"tasks": {"translate": {"source_langage": "en"}}}, "serve.yaml")
