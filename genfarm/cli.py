@@ -12,6 +12,7 @@ from rich.table import Column, Table
 
 from genfarm.console import ADDRESS_HELP, err, log_path, out, system_output_to
 from genfarm.errors import UserError
+from genfarm.serve.batches_cli import batches_app
 from genfarm.serve.cli import serve_app
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ cluster_app = typer.Typer(help="See a running Ray cluster: nodes, engines, Serve
                           no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(serve_app, name="serve")
+app.add_typer(batches_app, name="batches")
 
 SET_HELP = "Override a job-file field, e.g. --set sampling.max_tokens=256 --set output.path=out/x (repeatable)."
 

@@ -123,7 +123,7 @@ def _openai_request(line: dict) -> dict:
     but is not as its JSON (for the task to refuse); other keys are dropped, as OpenAI ignores them."""
     row = {key: line.get(key) for key in OPENAI_BATCH_SCHEMA.names}
     return {key: value if value is None or (isinstance(value, str) and key != "body")
-            else json.dumps(value, ensure_ascii=False) for key, value in row.items()}
+            else json.dumps(value) for key, value in row.items()}
 
 
 def _is_openai_batch(fs: pafs.FileSystem, path: str) -> bool:

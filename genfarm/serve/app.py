@@ -14,6 +14,7 @@ from ray import serve
 
 from genfarm import __version__
 from genfarm.serve.auth import RequireApiKey
+from genfarm.serve.batches import router as batch_router
 from genfarm.serve.config import ServeSpec
 from genfarm.serve.metrics import MetricsHub
 from genfarm.serve.replica import ReplicaState, route_label
@@ -74,6 +75,7 @@ def create_app(spec: ServeSpec) -> FastAPI:
     app.add_middleware(RequireApiKey)
     app.include_router(router)
     app.include_router(task_router(routes))
+    app.include_router(batch_router)
     return app
 
 

@@ -57,6 +57,21 @@ class HttpSpec(Spec):
     port: int = Field(8000, ge=1, le=65535)
 
 
+class BatchesSpec(Spec):
+    """/v1/files and /v1/batches: where their files and state live, and their limits."""
+
+    storage: str | None = Field(
+        None, description="Folder or object-store URI (s3://...) of uploaded files, batches and their results, "
+        "reachable from every node; unset: the batch API answers 404.")
+    max_file_bytes: int = Field(200 * 2**20, ge=1, description="Largest batch input file an upload may send.")
+    max_file_lines: int = Field(50_000, ge=1, description="Most requests in one batch input file.")
+    max_concurrent: int = Field(2, ge=1, description="Unfinished batches on the service; more are refused (429).")
+    max_batches_per_key: int = Field(2, ge=1, description="Unfinished batches one API key may have (429 beyond).")
+    max_stored_bytes_per_key: int = Field(10 * 2**30, ge=1, description="Bytes of uploads one API key may keep.")
+    workers: int = Field(1, ge=1, description="Engine actors of each batch job, beside the service's replicas.")
+    batch_size: int = Field(64, ge=1, description="Requests a batch engine takes at once (a committed part).")
+
+
 def task_defaults(configured: object) -> object:
     """The serve config's `tasks`: every task with an HTTP route, at its defaults, with the config's sections over
     them. There the section names the task, so `type:` may be left out."""
@@ -84,6 +99,7 @@ class ServeSpec(Spec):
     api_keys: list[str] = Field(
         default_factory=list, description=f"Accepted API keys (also ${API_KEYS_ENV}, comma-separated); none: open."
     )
+    batches: BatchesSpec = BatchesSpec()
     tasks: dict[str, TaskSection] = Field(
         default_factory=dict, validate_default=True,
         description="Defaults of the task endpoints (/v1/articles, /v1/translations, ...); requests may override "

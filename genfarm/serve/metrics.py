@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 STALE_GAUGE_S = 15  # a replica silent this long is gone: its gauges leave the sums, its counters stay
@@ -36,6 +36,19 @@ class ReplicaMetrics:
 
     def snapshot(self) -> list[Metric]:
         return list(self.registry.collect())
+
+
+def batch_families(by_status: dict[str, int], tokens: dict[str, int]) -> list[Metric]:
+    """The batch API's lines (genfarm/serve/batches.py): batches by status, tokens of finished batches' requests.
+    Every replica pushes them to the hub under one name, so they are counted once, not once per replica."""
+    batches = GaugeMetricFamily("genfarm_batches", "Batches of the batch API, by status.", labels=["status"])
+    for status, count in by_status.items():
+        batches.add_metric([status], count)
+    used = CounterMetricFamily("genfarm_batch_tokens", "Tokens of the requests of finished batches (prompt, "
+                               "completion).", labels=["kind"])
+    for kind, count in tokens.items():
+        used.add_metric([kind], count)
+    return [batches, used]
 
 
 class MetricsHub:

@@ -100,7 +100,7 @@ class OpenAIRequests(Task):
         try:
             body = REQUESTS[url].model_validate_json(row.get("body") or "null")
         except ValidationError as err:
-            if err.errors()[0].get("type") in ("model_type", "json_invalid"):
+            if not err.errors()[0].get("loc"):  # the body itself: no JSON object
                 raise refuse("invalid_json", "the request body is not a JSON object", "body") from None
             raise validation_error(err) from None
         if self.config.models and body.model not in self.config.models:
