@@ -29,8 +29,9 @@ CHECK_DEFAULTS = {"truncated": "flag", "empty": True, "repetition": 0.5, "min_wo
 
 
 def checks_in_force(spec: QualitySpec, defaults: dict) -> Checks:
-    """The checks in force: genfarm's defaults, the task's, then what the job file set (false turns one off)."""
-    values = {**CHECK_DEFAULTS, **defaults, **spec.model_dump(include=spec.model_fields_set & set(CHECKS))}
+    """The checks in force: genfarm's defaults, the task's, then what the job file set (None: the task's default;
+    false turns one off)."""
+    values = {**CHECK_DEFAULTS, **defaults, **spec.model_dump(include=set(CHECKS), exclude_none=True)}
     return Checks(**{name: (None if values[name] is False else values[name]) for name in CHECKS})
 
 

@@ -414,10 +414,10 @@ def test_structured_outputs_online(service):
 
     messages = [{"role": "user", "content": "Is this review positive? bees"}]
     parsed = service.client().chat.completions.parse(model=service.model, messages=messages, response_format=Verdict,
-                                                     max_tokens=40, temperature=0)
+                                                     max_tokens=120, temperature=0)
     assert isinstance(parsed.choices[0].message.parsed, Verdict)  # the openai SDK's parse, unchanged
     raw = service.post("/v1/chat/completions", json={
-        "model": service.model, "messages": messages, "max_tokens": 40, "temperature": 0.8,
+        "model": service.model, "messages": messages, "max_tokens": 120, "temperature": 0.8,
         "response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": VERDICT, "strict": True}}})
     assert raw.status_code == 200, raw.text
     jsonschema.validate(json.loads(raw.json()["choices"][0]["message"]["content"]), VERDICT)

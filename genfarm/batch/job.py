@@ -27,7 +27,8 @@ from genfarm.batch.worker import OWN_COLUMNS, GenerateWorker, record_failures
 from genfarm.cluster import use_local_ray_env
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
-from genfarm.spec import JobSpec
+from genfarm.spec import JobSpec, QualitySpec
+from genfarm.storage import storage_error
 from genfarm.task import Expander, FinishedJob, Task, make_task
 
 
@@ -41,7 +42,7 @@ def fingerprint_parts(job: JobSpec, model: models.ResolvedModel) -> dict:
         "input": {"id_column": job.input.id_column},
         # Quality settings change which texts are kept; left at their defaults they add nothing (earlier folders
         # resume as they were).
-        **({"quality": job.quality.model_dump(mode="json")} if job.quality.model_fields_set else {}),
+        **({"quality": job.quality.model_dump(mode="json")} if job.quality != QualitySpec() else {}),
     }
 
 
@@ -133,6 +134,8 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
         })
         store.start_run(run_id, _now())
     except OSError as err:  # a folder that cannot be made or written (permissions, a read-only or virtual fs)
+        if not store.local:  # a missing bucket, missing or refused credentials
+            raise storage_error("output.path", job.output.path, err, "write to") from None
         raise UserError("output.path", f"cannot write to {store.uri} ({err.strerror or err})",
                         "choose a folder you can write to, e.g. --set output.path=out/my-job") from None
     total = count_work_rows(fs, files, job.input, expander)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from genfarm.engine.settings import online_max_num_seqs
 from genfarm.spec import (
@@ -45,6 +45,8 @@ class LimitsSpec(Spec):
     )
     max_queued: int = Field(64, ge=0, description="Requests a replica keeps waiting beyond that; more get 429.")
     request_timeout_s: float = Field(300, gt=0, description="A request (queueing + generation) ends after this.")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body; a larger one gets 413 before "
+                                "it is read (default 4 MiB).")
 
     def concurrency(self, engine: EngineSpec, gpu: bool | None = None) -> int:
         """max_concurrent, or the sequences the engine decodes at once on its device (`gpu` None: a GPU engine
@@ -73,14 +75,24 @@ class BatchesSpec(Spec):
 
 
 def task_defaults(configured: object) -> object:
-    """The serve config's `tasks`: every task with an HTTP route, at its defaults, with the config's sections over
-    them. There the section names the task, so `type:` may be left out."""
+    """The serve config's `tasks`: every task with an HTTP route that needs no settings (or is configured here),
+    at its defaults, with the config's sections over them. There the section names the task, so `type:` may be
+    left out. A task that needs settings (an extraction's schema, say) is served once the config gives them."""
     if not isinstance(configured, dict):
         return configured
-    tasks = {name: {"type": name} for name, task in task_classes().items() if task.route is not None}
+    tasks = {name: {"type": name} for name, task in task_classes().items()
+             if task.route is not None and usable_at_defaults(task.Config, name)}
     for name, section in configured.items():
         tasks[name] = {"type": name, **section} if isinstance(section, dict) else section
     return tasks
+
+
+def usable_at_defaults(config: type, name: str) -> bool:
+    try:
+        config.model_validate({"type": name})
+    except ValidationError:
+        return False
+    return True
 
 
 class ServeSpec(Spec):
