@@ -7,7 +7,9 @@ still one row for the ledger, and a batch that dies mid-retry is simply generate
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from genfarm.engine import Completion
@@ -62,17 +64,57 @@ class Work:
         return sum(len(s.failed) for s in self.samples) if self.samples else 1 << 30
 
 
+class GreedyAnswers:
+    """The answers an engine actor already gave to greedy prompts. A greedy answer depends only on the prompt and
+    the sampling parameters, so a prompt that comes again (common in real datasets) is answered from here instead of
+    generated again; each row still gets its own result row. Bounded: the oldest answers are forgotten first."""
+
+    def __init__(self, size: int = 4096):
+        self.size, self.answers, self.reused = size, OrderedDict(), 0
+
+    @staticmethod
+    def key(ids: list[int], sampling: SamplingSpec, extra: dict) -> tuple | None:
+        if sampling.temperature != 0:
+            return None  # sampled answers differ by seed: each row keeps its own
+        return tuple(ids), json.dumps(sampling.model_dump(exclude={"seed"}), sort_keys=True), \
+            json.dumps(extra, sort_keys=True, default=str)
+
+    def generate(self, engine, ids: list[list[int]], sampling: list[SamplingSpec], seeds: list, extras: list) -> list:
+        """engine.generate, with every greedy prompt generated at most once."""
+        keys = [self.key(i, s, e) for i, s, e in zip(ids, sampling, extras)]
+        todo = {}  # index of the first request of each prompt that must be generated, by key (or by index)
+        for index, key in enumerate(keys):
+            if key is None or (key not in self.answers and key not in todo):
+                todo[key if key is not None else ("row", index)] = index
+        fresh = engine.generate(*(([column[i] for i in todo.values()]) for column in (ids, sampling, seeds, extras)))
+        generated = dict(zip(todo.values(), fresh))
+        for key, index in todo.items():
+            if keys[index] is not None and not isinstance(generated[index], Exception):
+                self.answers[key] = generated[index]
+                if len(self.answers) > self.size:
+                    self.answers.popitem(last=False)
+        results = []
+        for index, key in enumerate(keys):
+            if index in generated:
+                results.append(generated[index])
+            else:
+                self.reused += 1
+                results.append(self.answers[key] if key in self.answers else generated[todo[key]])
+        return results
+
+
 def generate_checked(engine, task: Task, works: list[Work], base_seed: int | None, checks: Checks,
-                     quality: QualitySpec, max_model_len: int) -> None:
+                     quality: QualitySpec, max_model_len: int, answers: GreedyAnswers | None = None) -> None:
     """Generate every work, then again those whose texts fail a check, up to quality.retries times; each work
     keeps its best attempt. Raises what the engine raises for the whole batch (EngineDead)."""
+    answers = answers or GreedyAnswers(size=0)
     todo = works
     for attempt in range(quality.retries + 1):
         if not todo:
             return
         plans = [attempt_plan(work, attempt, base_seed, checks, quality, max_model_len) for work in todo]
-        results = engine.generate([w.ids for w in todo], [p[0] for p in plans], [p[1] for p in plans],
-                                  [p[2] for p in plans])
+        results = answers.generate(engine, [w.ids for w in todo], [p[0] for p in plans], [p[1] for p in plans],
+                                   [p[2] for p in plans])
         for work, (sampling, seed, _), result in zip(todo, plans, results):
             work.attempts = attempt + 1
             if isinstance(result, Exception):

@@ -160,7 +160,7 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
             record_pass(plan, progress)
         stop_following.set()
     plan.task.finish(FinishedJob(job.output.path, plan.fs, plan.files, job.input, plan.expander, plan.job_id))
-    summary = summarize(plan, time.monotonic() - started, progress.tokens)
+    summary = summarize(plan, time.monotonic() - started, progress.tokens, progress.reused)
     plan.store.write_json(SUMMARY, summary)
     return summary
 
@@ -237,10 +237,11 @@ def record_pass(plan: Plan, progress: JobProgress) -> None:
 
 def consume(dataset, progress: JobProgress) -> None:
     for stats in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        progress.update(*(sum(stats[name].to_pylist()) for name in ("rows", "completion_tokens", "errors", "flagged")))
+        progress.update(*(sum(stats[name].to_pylist())
+                          for name in ("rows", "completion_tokens", "errors", "flagged", "reused")))
 
 
-def summarize(plan: Plan, seconds: float, run_tokens: int) -> dict:
+def summarize(plan: Plan, seconds: float, run_tokens: int, run_reused: int = 0) -> dict:
     """Counts over every committed part (this run and earlier ones), timing of this run, and the task's own."""
     store, n = plan.store, plan.job.sampling.n
     counts = store.count()
@@ -258,6 +259,7 @@ def summarize(plan: Plan, seconds: float, run_tokens: int) -> dict:
         "run_seconds": round(seconds, 2),
         "run_completion_tokens": run_tokens,
         "run_tokens_per_second": round(run_tokens / seconds, 1) if seconds else 0.0,
+        "run_reused_answers": run_reused,  # greedy prompts answered again without generating (identical prompts)
         "output": store.uri,
         "quality": quality_counts(store, plan.job.sampling.n),
         **plan.task.summary(store),

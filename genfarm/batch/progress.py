@@ -46,6 +46,7 @@ class JobProgress:
     def __init__(self, total: int, already_done: int, enabled: bool = True):
         self.total, self.done, self.tokens, self.errors, self.flagged = total, already_done, 0, 0, 0
         self.tokens_live = 0  # the engines' running estimate; the exact count comes with each batch's stats
+        self.reused = 0  # greedy answers given again to identical prompts
         self.console = Console(stderr=True)
         self.live = enabled and self.console.is_terminal
         self.enabled = enabled
@@ -68,7 +69,8 @@ class JobProgress:
         if self.live:
             self.bar.stop()
 
-    def update(self, rows: int, tokens: int, errors: int, flagged: int = 0) -> None:
+    def update(self, rows: int, tokens: int, errors: int, flagged: int = 0, reused: int = 0) -> None:
+        self.reused += reused
         self.done += rows
         self.tokens += tokens
         self.errors += errors

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from genfarm.batch.attempts import Sample, Work, generate_checked
+from genfarm.batch.attempts import GreedyAnswers, Sample, Work, generate_checked
 from genfarm.batch.ledger import Ledger, part_name, source_key
 from genfarm.batch.progress import report_tokens
 from genfarm.batch.source import META_COLUMNS
@@ -32,6 +32,7 @@ ERROR_SCHEMA = pa.schema([
 STATS_SCHEMA = pa.schema([
     ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
     ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("flagged", pa.int64()),
+    ("reused", pa.int64()),  # greedy answers given again to an identical prompt instead of generated again
 ])
 SAMPLING_TYPE = pa.struct([("temperature", pa.float64()), ("top_p", pa.float64()), ("max_tokens", pa.int64()),
                            ("n", pa.int64()), ("seed", pa.int64()), ("stop", pa.list_(pa.string()))])
@@ -94,6 +95,7 @@ class GenerateWorker:
         else:
             self.node_id, self.worker_id = "local", "driver"
         self.checks = checks_in_force(job.quality, self.task.quality_defaults)
+        self.answers = GreedyAnswers()
         self.engine = engine or Engine(model, job.engine, gpu)
         if live_tokens is not None:
             threading.Thread(target=report_tokens, args=(self.engine, live_tokens, threading.Event()),
@@ -117,8 +119,9 @@ class GenerateWorker:
             except PromptTooLong as err:
                 errors.append(self._error(row, "prompt_too_long", str(err)))
         try:
+            reused_before = self.answers.reused
             generate_checked(self.engine, self.task, works, self.job.sampling.seed, self.checks, self.job.quality,
-                             self.job.engine.max_model_len)
+                             self.job.engine.max_model_len, self.answers)
         except EngineDead:
             # Replace the engine the only safe way: let this actor die so Ray restarts it with a fresh one and
             # retries the batch there (bounded by workers.max_retries).
@@ -134,7 +137,8 @@ class GenerateWorker:
                 results.append(self._result(work, sample, started, finished))
         self._check_run()
         commit(self.ledger, rows, results, errors, self.schema)
-        return stats_row(len(rows), results, errors, sum(w.generated_tokens for w in works))
+        return stats_row(len(rows), results, errors, sum(w.generated_tokens for w in works),
+                         self.answers.reused - reused_before)
 
     def _failure(self, work: Work) -> tuple[str, str] | None:
         """(error type, message) when a row ends as an error row rather than results."""
@@ -207,7 +211,8 @@ def commit(ledger: Ledger, rows: list[dict], results: list[dict], errors: list[d
             ledger.commit(pa.Table.from_pylist(source_results, schema=schema), name)
 
 
-def stats_row(rows: int, results: list[dict], errors: list[dict], generated_tokens: int | None = None) -> pa.Table:
+def stats_row(rows: int, results: list[dict], errors: list[dict], generated_tokens: int | None = None,
+              reused: int = 0) -> pa.Table:
     """The counts the driver's progress display gets; `generated_tokens` counts every attempt (engine work)."""
     return pa.Table.from_pylist([{
         "rows": rows, "results": len(results), "errors": len(errors),
@@ -215,6 +220,7 @@ def stats_row(rows: int, results: list[dict], errors: list[dict], generated_toke
         "completion_tokens": sum(r["completion_tokens"] for r in results) if generated_tokens is None
         else generated_tokens,
         "flagged": sum(1 for r in results if r["quality"] and r["sample_index"] == 0),
+        "reused": reused,
     }], schema=STATS_SCHEMA)
 
 

@@ -150,3 +150,27 @@ def test_extra_sinks_write_before_the_parquet_record(tmp_path):
     ledger.commit(pa.table({"id": ["x"]}), "k-000000000-abc.parquet")
     assert sink.names == [("k-000000000-abc.parquet", False)]
     assert ledger.done_ids("k") == {"x"}
+
+
+class CountingEcho(EchoEngine):
+    def __init__(self):
+        super().__init__()
+        self.generated = 0
+
+    def generate(self, prompts, sampling, seeds, extras=None) -> list:
+        self.generated += len(prompts)
+        return super().generate(prompts, sampling, seeds, extras)
+
+
+def test_identical_greedy_prompts_are_generated_once_each_row_its_own_result(tmp_path):
+    rows = [{"id": f"r{i}", "topic": "bees" if i % 3 else "wasps"} for i in range(9)]
+    job = job_for(tmp_path, rows, {"type": "article"})
+    greedy = job.model_copy(update={"sampling": job.sampling.model_copy(update={"temperature": 0.0})})
+    engine = CountingEcho()
+    stats = run_worker(greedy, engine)
+    assert engine.generated == 2 and stats["reused"] == 7  # two distinct prompts, nine rows
+    out = pd.read_parquet(tmp_path / "out")
+    assert sorted(out["id"]) == [f"r{i}" for i in range(9)]
+    sampled = CountingEcho()  # with temperature > 0 every row is its own sample
+    run_worker(job_for(tmp_path / "s", rows, {"type": "article"}), sampled)
+    assert sampled.generated == 9
