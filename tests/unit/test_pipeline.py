@@ -172,5 +172,6 @@ def test_identical_greedy_prompts_are_generated_once_each_row_its_own_result(tmp
     out = pd.read_parquet(tmp_path / "out")
     assert sorted(out["id"]) == [f"r{i}" for i in range(9)]
     sampled = CountingEcho()  # with temperature > 0 every row is its own sample
-    run_worker(job_for(tmp_path / "s", rows, {"type": "article"}), sampled)
+    (tmp_path / "sampled").mkdir()
+    run_worker(job_for(tmp_path / "sampled", rows, {"type": "article"}), sampled)
     assert sampled.generated == 9
