@@ -155,6 +155,15 @@ def finished(batch: Batch) -> bool:
     return batch.status in ("completed", "failed", "cancelled", "expired")
 
 
+def running_batch(service: Service, lines: list) -> Batch:
+    """A batch of `lines`, once it has committed some of its requests (and not all)."""
+    created = service.client().batches.create(input_file_id=service.upload(lines).id, endpoint=CHAT,
+                                              completion_window="24h")
+    running = service.wait(created.id, lambda b: b.request_counts.completed >= 2 or finished(b))
+    assert running.status == "in_progress", running
+    return running
+
+
 @pytest.fixture(scope="module")
 def service(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("batches")
@@ -254,10 +263,7 @@ def test_uploads_are_checked_and_limits_answered_in_openai_shape(service):
 def test_a_cancelled_batch_returns_the_requests_that_finished(service):
     m = service.model
     lines = [chat(f"slow-{i}", m, max_tokens=96, temperature=0) for i in range(16)]
-    created = service.client().batches.create(input_file_id=service.upload(lines).id, endpoint=CHAT,
-                                              completion_window="24h")
-    running = service.wait(created.id, lambda b: b.request_counts.completed >= 2 or finished(b))
-    assert running.status == "in_progress", running
+    created = running_batch(service, lines)
     with pytest.raises(openai.RateLimitError) as caught:  # batches.max_batches_per_key: 1
         service.client().batches.create(input_file_id=created.input_file_id, endpoint=CHAT, completion_window="24h")
     assert caught.value.body["code"] == "batch_quota_exceeded"
@@ -279,10 +285,7 @@ def test_a_cancelled_batch_returns_the_requests_that_finished(service):
 def test_a_batch_survives_a_restart_of_the_service(service):
     m = service.model
     lines = [chat(f"r-{i}", m, max_tokens=64, temperature=0) for i in range(12)]
-    created = service.client().batches.create(input_file_id=service.upload(lines).id, endpoint=CHAT,
-                                              completion_window="24h")
-    before = service.wait(created.id, lambda b: b.request_counts.completed >= 2 or finished(b))
-    assert before.status == "in_progress", before
+    created = running_batch(service, lines)
     job = Path(service.config).parent / "store" / "batches" / created.id / "job"
     first_run = json.loads((job / "_genfarm" / "run.json").read_text())["run_id"]
     service.stop()
