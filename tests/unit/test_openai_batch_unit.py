@@ -295,3 +295,40 @@ def test_batch_parameters_are_checked(api):
     assert refused(completion_window="1d") == "completion_window"
     assert refused(metadata={f"k{i}": "v" for i in range(17)}) == "metadata"
     assert api.get("/v1/batches/batch_nope", headers=key("k1")).status_code == 404
+
+
+def test_an_expired_batch_keeps_what_finished_and_metrics_count_batches(tmp_path):
+    from genfarm.serve.batch_runner import BatchRunner
+    from genfarm.serve.batch_store import Store
+    from genfarm.serve.metrics import MetricsHub, batch_families
+
+    store = Store(str(tmp_path / "store"))
+    batch_id = "batch_x"
+    job = job_for(tmp_path, [chat("a"), chat("b"), chat("c")])
+    job = job.model_copy(update={"output": job.output.model_copy(update={"path": store.job_output(batch_id)})})
+    fs, files = list_inputs(job.input)
+    schema = infer_schema(fs, files[0])
+    ledger = Ledger(job.output.path)
+    ledger.write_json("_genfarm/job.json", {"job_id": "job-1", "spec": job.model_dump(mode="json")})
+    ledger.start_run("run-1", "now")
+    rows = list(source_rows(fs, files[0], job.input))
+    GenerateWorker(job, MODEL, False, schema, "job-1", "run-1", engine=EchoEngine())(to_block(rows[:2], schema))
+    record = {"id": batch_id, "status": "in_progress", "created_at": 1, "expires_at": 2, "output_file_id": None,
+              "error_file_id": None, "request_counts": {"total": 3, "completed": 0, "failed": 0}, "_owner": "k"}
+    store.save_batch(record)
+    runner = BatchRunner(store.uri, batch_id)
+    assert runner.stop_reason(record) == "expired"
+    runner.finish(record, "expired")
+    batch = store.batch(batch_id)
+    assert batch["status"] == "expired" and batch["expired_at"] and batch["request_counts"] == {
+        "total": 3, "completed": 2, "failed": 1}
+    assert oai.BatchUsage.model_validate(batch["usage"]).output_tokens > 0
+    errors = read_lines(store.path(store.file(batch["error_file_id"], "k")["_path"]))
+    assert [(x["custom_id"], x["error"]["code"]) for x in errors] == [("c", "batch_expired")]
+    assert len(read_lines(store.path(store.file(batch["output_file_id"], "k")["_path"]))) == 2
+    hub = MetricsHub()
+    hub.push("batches", batch_families({"expired": 1, "completed": 0}, {"prompt": 5, "completion": 7}))
+    hub.push("batches", batch_families({"expired": 1, "completed": 0}, {"prompt": 5, "completion": 7}))
+    page = hub.render()  # pushed by every replica under one name: counted once
+    assert 'genfarm_batches{status="expired"} 1.0' in page and 'genfarm_batch_tokens_total{kind="completion"} 7.0' \
+        in page
