@@ -164,13 +164,16 @@ def _write_lines(ledger: Ledger, final: str, lines: Iterable[dict | str]) -> int
 
 
 def _part_lines(ledger: Ledger, part: str, errors: bool) -> Iterator[str]:
-    """The OpenAI lines of a committed Parquet part: its sink's file, or made from the part if there is none
-    (a part committed before the sink ran, say)."""
+    """The OpenAI lines of a committed Parquet part: its sink's file, or made from the part if there is none (a part
+    committed before the sink ran) or it is stale (`genfarm retry-errors` took rows out of an error part: one line
+    per error row no longer holds)."""
     path = part_lines_path(ledger, os.path.basename(part), errors)
     if ledger.fs.get_file_info(path).type == pafs.FileType.File:
         with ledger.fs.open_input_stream(path) as stream:
-            yield from (line for line in stream.read().decode().splitlines() if line.strip())
-        return
+            lines = [line for line in stream.read().decode().splitlines() if line.strip()]
+        if not errors or len(lines) == pq.ParquetFile(part, filesystem=ledger.fs).metadata.num_rows:
+            yield from lines
+            return
     rows = pq.read_table(part, filesystem=ledger.fs).to_pylist()
     for line in ([error_line(row) for row in rows] if errors else output_lines(rows)):
         yield json.dumps(line, ensure_ascii=False)

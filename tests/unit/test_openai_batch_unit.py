@@ -332,3 +332,12 @@ def test_an_expired_batch_keeps_what_finished_and_metrics_count_batches(tmp_path
     page = hub.render()  # pushed by every replica under one name: counted once
     assert 'genfarm_batches{status="expired"} 1.0' in page and 'genfarm_batch_tokens_total{kind="completion"} 7.0' \
         in page
+
+
+def test_error_rows_taken_back_for_retry_leave_the_error_file(tmp_path):
+    job = job_for(tmp_path, [chat("ok"), chat("bad", temperature=9), "{not json"])
+    run(job)
+    assert Ledger(job.output.path).take_errors(["invalid_request"], "t1") == 1  # rewritten without the task's sink
+    done = openai_files.collect(job.output.path)
+    assert (done["completed"], done["failed"]) == (1, 1)  # the stale part file is not read
+    assert [x["error"]["code"] for x in read_lines(done["errors"])] == ["invalid_json_line"]
