@@ -12,8 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from genfarm import console
 from genfarm.errors import UserError
 from genfarm.spec import apply_overrides, load_job
+from genfarm.storage import is_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 AGENT_WAIT_S = 60
@@ -94,6 +96,9 @@ def submit(job_file: str, overrides: list[str], address: str) -> str:
     send_saved_token()  # first: Ray's token loader reads the mode once, and a job file's plugins may import Ray
     folder, entrypoint = package_job(job_file, overrides)
     client = job_client(address)
+    warning = local_output_warning(yaml.safe_load((folder / "job.yaml").read_text())["output"]["path"], address)
+    if warning:
+        console.err.print(f"warning: {warning}", highlight=False)
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
@@ -103,6 +108,24 @@ def submit(job_file: str, overrides: list[str], address: str) -> str:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def local_output_warning(output: str, address: str) -> str | None:
+    """What to tell someone who sends a local output.path to a cluster of several nodes: every node's engines
+    commit their parts to that path on their own disk, and the driver on the head sees only its own."""
+    if is_uri(output):
+        return None
+    try:
+        from ray.util.state import list_nodes
+
+        nodes = len(list_nodes(address=address, filters=[("state", "=", "ALIVE")]))
+    except Exception:  # noqa: BLE001 - an unreachable cluster is reported by the submission itself
+        return None
+    if nodes < 2:
+        return None
+    return (f"output.path {output} is a local path, and the cluster has {nodes} nodes: unless every node mounts it "
+            "as one shared filesystem, each node's engines write their parts to their own disk and the job never "
+            "sees them all. Use object storage (s3://BUCKET/PREFIX) or a shared filesystem")
 
 
 def jobs(address: str) -> list[dict]:

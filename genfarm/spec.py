@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 
 from genfarm.errors import UserError
+from genfarm.storage import Location, StorageOptions
 
 
 class Spec(BaseModel):
@@ -45,6 +46,15 @@ class InputSpec(Spec):
     )
     id_column: str | None = Field(None, description="Column holding a unique row id; default: FILE:ROW_NUMBER.")
     limit: int | None = Field(None, ge=1, description="Only the first N rows of each file (for trying a job out).")
+    storage_options: StorageOptions = Field(default_factory=dict, description="For a URI: arguments of pyarrow's "
+                                            "filesystem (S3: endpoint_override, region, access_key, secret_key...); "
+                                            "by default the standard environment (AWS_*). Secrets stay out of the "
+                                            "manifest.")
+
+    @model_validator(mode="after")
+    def _located(self) -> InputSpec:
+        object.__setattr__(self, "path", Location(self.path, self.storage_options))  # opened with its options
+        return self
 
 
 class TaskConfig(Spec):
@@ -284,6 +294,12 @@ class QualitySpec(Spec):
 
 class OutputSpec(Spec):
     path: str = Field(description="Output folder (local path or URI); results are OUTPUT/*.parquet.")
+    storage_options: StorageOptions = Field(default_factory=dict, description="For a URI: as input.storage_options.")
+
+    @model_validator(mode="after")
+    def _located(self) -> OutputSpec:
+        object.__setattr__(self, "path", Location(self.path, self.storage_options))  # opened with its options
+        return self
 
 
 class JobSpec(Spec):

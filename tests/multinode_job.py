@@ -1,15 +1,20 @@
-"""Helper process for test_multinode: a real Ray cluster (ray.cluster_utils: a head and worker nodes, on this one
-machine), one genfarm job on it and, while the job runs, optionally one worker node added or removed. What the test
-needs is printed as one JSON line. Runs in its own process because a process can belong to one Ray cluster only, and
-the test session already has one.
+"""Helper process for test_multinode: the driver of one genfarm job on a Ray cluster whose worker nodes live in
+network namespaces of their own (see netns.py; the test starts the head on the host side of the bridge and the first
+worker nodes), and, while the job runs, one worker node added (started in a spare namespace) or removed (every process
+in its namespace killed). What the test needs is printed as one JSON line. Runs in its own process because a process
+can belong to one Ray cluster only, and the test session already has one.
 
-Usage: multinode_job.py JOB_JSON LAYOUT_JSON, LAYOUT = {"head_cpus": int, "nodes": [cpus of each worker node],
-"change": null | "add" | "remove", "after_parts": committed parts to wait for before the change}.
+Usage: multinode_job.py JOB_JSON LAYOUT_JSON, LAYOUT = {"head": "IP:PORT", "network": netns.Network's fields,
+"nodes": [cpus of each worker node started by the test], "node_command": {"IP": argv of `ray start` for the node of
+that address}, "change": null | "add" | "remove", "after_parts": committed parts to wait for before the change,
+"wait_for_engines": bool}. The job's input and output are on object storage (credentials in the environment).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import os
 import sys
 import traceback
@@ -17,11 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 import ray
-from ray.cluster_utils import Cluster
+from netns import Network
 from test_failures import wait_for
 
 from genfarm.batch.job import run_job
 from genfarm.batch.ledger import Ledger
+from genfarm.cluster import local_output_warning
 from genfarm.spec import JobSpec
 
 JOB_TIMEOUT_S = 240  # below the test's subprocess timeout, so a stuck job ends here with a traceback, not a kill
@@ -31,14 +37,20 @@ def parts_by(store: Ledger, node_id: str | None) -> int:
     """Committed result parts, all of them or only those an engine on `node_id` wrote."""
     if node_id is None:
         return len(store.parts())
-    return sum(pq.read_table(part, columns=["node_id"]).column("node_id")[0].as_py() == node_id
+    return sum(pq.read_table(part, columns=["node_id"], filesystem=store.fs).column("node_id")[0].as_py() == node_id
                for part in store.parts())
 
 
-def change_cluster(cluster: Cluster, workers: list, layout: dict, store: Ledger, running) -> dict:
+def alive_nodes() -> dict[str, str]:
+    """Node address -> node id of every live node."""
+    return {node["NodeManagerAddress"]: node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+
+def change_cluster(net: Network, layout: dict, workers: dict[str, str], store: Ledger, running) -> dict:
     """Add a worker node once the job has committed `after_parts` parts, or remove the last worker node once its
     engine has committed that many: synchronised on progress, not time, so the change lands mid-job."""
-    watched = workers[-1].node_id if layout["change"] == "remove" else None
+    last = list(workers)[-1]
+    watched = workers[last] if layout["change"] == "remove" else None
     wait_for(lambda: parts_by(store, watched) >= layout["after_parts"] or running.done(), timeout=JOB_TIMEOUT_S,
              what=f"{layout['after_parts']} committed parts" + (f" from node {watched}" if watched else ""))
     if running.done():
@@ -46,21 +58,26 @@ def change_cluster(cluster: Cluster, workers: list, layout: dict, store: Ledger,
         raise SystemExit("the job finished before the cluster changed: give it more rows or longer outputs")
     parts_before = len(store.parts())
     if layout["change"] == "add":
-        node = cluster.add_node(num_cpus=layout["nodes"][-1])  # the same shape as the existing worker nodes
+        index = len(workers)  # the spare namespace: one more than the nodes the test started
+        address = net.node_ip(index)
+        with open(os.devnull, "wb") as quiet:
+            net.popen(index, layout["node_command"][address], private_tmp=True, stdout=quiet, stderr=quiet)
+        node = wait_for(lambda: alive_nodes().get(address), timeout=120, what=f"the node at {address} to join")
     else:
-        node = workers[-1]
-        cluster.remove_node(node, allow_graceful=False)  # kills its raylet and every process on it, like a lost VM
-    return {"kind": layout["change"], "node": node.node_id, "parts_before": parts_before,
+        address, node = last, workers[last]
+        net.kill(list(workers).index(last))  # its raylet and every process on it, like a machine that is lost
+    return {"kind": layout["change"], "node": node, "address": address, "parts_before": parts_before,
             "job_running": not running.done()}
 
 
 def main(job: JobSpec, layout: dict) -> dict:
-    # Like a real head: with head_cpus below cpus_per_worker it runs read tasks but never an engine.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": layout["head_cpus"]})
-    workers = [cluster.add_node(num_cpus=cpus) for cpus in layout["nodes"]]
-    cluster.wait_for_nodes()
+    net = Network(**{**layout["network"], "subnet": ipaddress.ip_network(layout["network"]["subnet"])})
+    addresses = [net.node_ip(index) for index in range(len(layout["nodes"]))]
+    ray.init(address=layout["head"], _node_ip_address=net.host_ip, log_to_driver=False,
+             logging_level=logging.WARNING)
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
+        workers = wait_for(lambda: (nodes := alive_nodes()) and all(a in nodes for a in addresses)
+                           and {a: nodes[a] for a in addresses}, timeout=120, what="every worker node")
         if layout.get("wait_for_engines"):
             # Rows flow only once every engine of the pool is up: on a loaded 2-core machine one engine can start
             # so much later than the other that the first has taken all the work of a small job.
@@ -68,12 +85,15 @@ def main(job: JobSpec, layout: dict) -> dict:
         running = ThreadPoolExecutor(1).submit(run_job, job, show_progress=False)
         change = None
         if layout.get("change"):
-            change = change_cluster(cluster, workers, layout, Ledger(job.output.path), running)
+            change = change_cluster(net, layout, workers, Ledger(job.output.path), running)
         summary = running.result(timeout=JOB_TIMEOUT_S)
-        return {"summary": summary, "worker_nodes": [node.node_id for node in workers], "change": change}
+        warnings = None
+        if layout.get("dashboard"):  # what `genfarm submit` would warn about on this cluster
+            warnings = [local_output_warning(output, layout["dashboard"]) for output in ("/data/out", "s3://b/out")]
+        return {"summary": summary, "worker_nodes": list(workers.values()), "worker_addresses": addresses,
+                "head_node": alive_nodes().get(net.host_ip), "change": change, "submit_warnings": warnings}
     finally:
         ray.shutdown()
-        cluster.shutdown()
 
 
 if __name__ == "__main__":

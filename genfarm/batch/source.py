@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from genfarm.batch.ledger import source_key
 from genfarm.errors import UserError
 from genfarm.spec import InputSpec
-from genfarm.storage import open_fs
+from genfarm.storage import glob, is_local, is_uri, open_fs, storage_error
 from genfarm.task import Expander
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
@@ -51,10 +51,21 @@ class InputFile:
 
 
 def list_inputs(spec: InputSpec) -> tuple[pafs.FileSystem, list[InputFile]]:
-    """Expand input.path (file, folder, glob, or URI) into the files to read."""
+    """Expand input.path (file, folder, glob, or URI) into the files to read; an object store that refuses (no such
+    bucket, no credentials) is a one-line error."""
+    try:
+        return _list_inputs(spec)
+    except OSError as err:
+        if not is_uri(spec.path):
+            raise
+        raise storage_error("input.path", spec.path, err, "read") from None
+
+
+def _list_inputs(spec: InputSpec) -> tuple[pafs.FileSystem, list[InputFile]]:
     fs, root = open_fs(spec.path)
-    if fs.type_name == "local" and any(ch in root for ch in "*?["):
-        paths, base = sorted(globlib.glob(root, recursive=True)), root.split("*")[0].rsplit("/", 1)[0]
+    if any(ch in root for ch in "*?["):
+        paths = sorted(globlib.glob(root, recursive=True)) if is_local(fs) else glob(fs, root)
+        base = root.split("*")[0].rsplit("/", 1)[0]
     else:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
