@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 
 import pandas as pd
 import pyarrow as pa
@@ -20,7 +21,7 @@ from genfarm.rows import RowError
 from genfarm.serve.config import ServeSpec
 from genfarm.spec import JobSpec, validate
 from genfarm.task import make_task
-from genfarm.tasks.classify import ClassifyRequest, label_schema, score
+from genfarm.tasks.classify import ClassifyRequest, label_regex, score
 from genfarm.tasks.extract import ExtractionRequest
 
 LABELS = {"billing": "payments and invoices", "technical": "errors and bugs", "other": "anything else"}
@@ -70,7 +71,7 @@ def test_classify_asks_for_a_choice_and_its_logprob_and_parses_the_label():
 def test_multi_label_answers_one_boolean_per_label_and_lists_those_that_apply():
     task = task_of({"type": "classify", "labels": LABELS, "multi_label": True})
     sampling = task.sampling({"text": "x"})
-    assert sampling.structured == {"json": label_schema(list(LABELS)), "disable_any_whitespace": True}
+    assert sampling.structured == {"regex": label_regex(list(LABELS))} and sampling.logprobs
     assert "true if it applies" in task.prompt({"text": "x"}).messages[-1]["content"]
     assert task.output_schema() == {"labels": pa.list_(pa.string()), "confidence": pa.float64()}
     answer = json.dumps({"billing": True, "technical": False, "other": True})
@@ -78,6 +79,15 @@ def test_multi_label_answers_one_boolean_per_label_and_lists_those_that_apply():
     for bad in ('{"billing": true', '{"billing": true, "technical": false}', '["billing"]'):
         with pytest.raises(RowError, match="invalid_output"):
             task.parse({}, bad)
+
+
+def test_the_multi_label_regex_matches_exactly_the_compact_json_of_any_labels():
+    labels = ["billing", 'say "hi" (now)', "a.b|c", "ünï", "back\\slash", "a-b #1 & ~ [x]{2}"]
+    pattern = label_regex(labels)
+    answer = {name: i % 2 == 0 for i, name in enumerate(labels)}
+    assert re.fullmatch(pattern, json.dumps(answer, separators=(",", ":"), ensure_ascii=False))
+    assert not re.fullmatch(pattern, json.dumps(answer, ensure_ascii=False))  # no spaces
+    assert not re.fullmatch(pattern, json.dumps(dict(reversed(answer.items())), separators=(",", ":")))
 
 
 @pytest.mark.parametrize("task, expected", [
@@ -88,6 +98,8 @@ def test_multi_label_answers_one_boolean_per_label_and_lists_those_that_apply():
     ({"labels": {"a": "x", "b": 3}}, "task.labels: the description of 'b' is not text"),
     ({"labels": "a, b"}, "task.labels: labels are a list or a mapping label -> description"),
     ({"labels": ["a", "b"], "multilabel": True}, "task.multilabel: unknown field. Fix: did you mean 'multi_label'?"),
+    ({}, "job.yaml: task.labels: required field is missing. Fix: add task.labels to the job file"),
+    ({"labels": None}, "task.labels: labels are a list or a mapping label -> description, got None"),
 ])
 def test_classify_config_errors_are_one_line(task, expected):
     with pytest.raises(UserError) as caught:
@@ -95,12 +107,10 @@ def test_classify_config_errors_are_one_line(task, expected):
     assert expected in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_job_without_labels_is_refused_before_it_starts_but_a_service_may_leave_them_to_requests():
-    task = task_of({"type": "classify"})
-    with pytest.raises(UserError, match=r"^task.labels: a classify job needs its labels\. Fix: add e\.g\. labels"):
-        task.required_columns()
-    spec = ServeSpec()  # every task with a route, at its defaults
-    assert spec.tasks["classify"].labels is None and spec.tasks["extract"].json_schema is None
+def test_a_service_answers_classify_and_extract_once_its_config_gives_their_labels_and_schema():
+    assert not {"classify", "extract"} & set(ServeSpec().tasks)  # the routes that need settings are not served
+    spec = validate(ServeSpec, {"tasks": {"classify": {"labels": ["a", "b"]}, "extract": {"schema": SCHEMA}}}, "x")
+    assert spec.tasks["classify"].labels == ["a", "b"] and spec.tasks["extract"].json_schema == SCHEMA
 
 
 class StandIn:
@@ -140,8 +150,6 @@ def test_classify_online_takes_the_request_labels_or_the_service_default():
     online = StandIn('{"red":true,"blue":true}')
     response = answer(service, ClassifyRequest(text="sky", labels=["red", "blue"], multi_label=True), online)
     assert response.labels == ["red", "blue"] and "- red\n- blue" in online.prompts[0].messages[-1]["content"]
-    with pytest.raises(ValueError, match="labels: no labels to choose from"):
-        answer(task_of({"type": "classify"}), ClassifyRequest(text="x"), StandIn("a"))
     with pytest.raises(RowError, match="invalid_output"):
         answer(service, ClassifyRequest(text="hello"), StandIn("maybe"))
     with pytest.raises(ValueError, match="listed twice"):
@@ -187,13 +195,12 @@ def test_extract_parses_valid_json_into_columns_and_refuses_the_rest():
     ({"type": "object", "properties": {}}, "task.schema: the schema must describe an object with properties"),
     ({"type": "object", "properties": {"a": {"type": "strin"}}}, "task.schema: not a valid JSON schema at"),
     ("missing.json", "task.schema: missing.json is neither a schema nor a file"),
+    (None, "job.yaml: task.schema: required field is missing. Fix: add task.schema to the job file"),
 ])
 def test_extract_config_errors_are_one_line(schema, expected):
     with pytest.raises(UserError) as caught:
-        job({"type": "extract", "schema": schema})
+        job({"type": "extract", **({} if schema is None else {"schema": schema})})
     assert expected in str(caught.value) and "\n" not in str(caught.value)
-    with pytest.raises(UserError, match=r"^task.schema: an extract job needs the schema"):
-        task_of({"type": "extract"}).required_columns()
 
 
 def test_extract_online_answers_the_object_and_takes_a_request_schema():
@@ -202,11 +209,13 @@ def test_extract_online_answers_the_object_and_takes_a_request_schema():
     assert response.data == {"product": "kettle", "sentiment": "negative"} and response.text == answer_text
     own = {"type": "object", "properties": {"city": {"type": "string"}}}
     online = StandIn('{"city":"Oslo"}')
-    response = answer(task_of({"type": "extract"}), ExtractionRequest.model_validate({"text": "x", "schema": own}),
-                      online)
-    assert response.data == {"city": "Oslo"} and "- city (string, optional)" in online.prompts[0].messages[-1]["content"]
-    with pytest.raises(ValueError, match="schema: no schema"):
-        answer(task_of({"type": "extract"}), ExtractionRequest(text="x"), StandIn("{}"))
+    request = ExtractionRequest.model_validate({"text": "x", "schema": own, "instructions": "Find the city."})
+    response = answer(task_of({"type": "extract", "schema": SCHEMA}), request, online)
+    assert response.data == {"city": "Oslo"}
+    assert online.prompts[0].messages[-1]["content"].startswith("Find the city.")
+    assert "- city (string, optional)" in online.prompts[0].messages[-1]["content"]
+    with pytest.raises(RowError, match="invalid_output"):
+        answer(task_of({"type": "extract", "schema": SCHEMA}), ExtractionRequest(text="x"), StandIn('{"city":"Oslo"}'))
     with pytest.raises(ValueError, match="object with properties"):
         ExtractionRequest.model_validate({"text": "x", "schema": {"type": "string"}})
 
@@ -261,7 +270,7 @@ def test_score_single_label_against_a_gold_column(tmp_path):
 
 def test_score_multi_label_sets(tmp_path):
     ledger = results(tmp_path, {"type": "classify", "labels": ["a", "b"], "multi_label": True}, {
-        "gold": [["a"], ["a", "b"], "b", []], "labels": [["a"], ["a"], ["b"], []]})
+        "gold": ["a", "a, b", "b", ""], "labels": [["a"], ["a"], ["b"], []]})
     scores = score(ledger, "gold")
     assert scores["accuracy"] == 0.75 and scores["per_label"]["b"]["recall"] == 0.5
     assert scores["per_label"]["a"]["f1"] == 1.0
