@@ -95,7 +95,9 @@ class Online(Protocol):
 
     def encode(self, prompt: Prompt, param: str | None = None) -> list[int]: ...
 
-    def complete(self, prompts: list[list[int]]) -> Awaitable[list[tuple[list[str], list[str | None]]]]: ...
+    def complete(self, prompts: list[list[int]], wanted: RowSampling | None = None) -> Awaitable[list[list]]:
+        """The whole completions (genfarm.engine.Completion) of each prompt, with the task's per-row sampling."""
+        ...
 
     def reject(self, message: str, param: str | None = None, code: str = "invalid_parameter") -> Exception: ...
 
@@ -140,6 +142,10 @@ class Task(ABC):
         answer."""
         return {}
 
+    def parse_completion(self, row: dict, completion) -> dict:
+        """`parse` with the whole completion (genfarm.engine.Completion: its log-probability, finish reason)."""
+        return self.parse(row, completion.text)
+
     def hints(self, row: dict) -> Hints:
         """What the quality checks should know about a row: the language its text should be in, its source."""
         return Hints()
@@ -166,8 +172,9 @@ class Task(ABC):
         """The answer to one request on the task's route, whose task fields (the body without sampling parameters)
         are `row`: by default one prompt, one text, and its parsed columns."""
         ids = online.encode(self.prompt(row))
-        [([text], [reason])] = await online.complete([ids])
-        fields = {**row, **self.parse(row, text), "text": text, "finish_reason": reason}
+        [[completion]] = await online.complete([ids], self.sampling(row))
+        fields = {**row, **self.parse_completion(row, completion), "text": completion.text,
+                  "finish_reason": completion.finish_reason}
         response = self.route.response
         return response(id=f"{self.Config.task_type()}-{uuid.uuid4().hex}", model=online.model,
                         usage=online.usage([ids]), **{k: v for k, v in fields.items() if k in response.model_fields})

@@ -56,8 +56,6 @@ def test_classify_answers_only_labels_from_the_list(classified):
     assert 0 <= scores["accuracy"] <= 1 and set(scores["per_label"]) <= set(LABELS)
 
 
-@pytest.mark.xfail(strict=True, reason="the core does not hand a task the answer's log-probability yet: "
-                   "genfarm.batch.attempts calls task.parse(row, text) without Completion.logprob")
 def test_classify_confidence_is_the_answers_probability(classified):
     _, out, _ = classified
     assert out["confidence"].notna().all() and ((out["confidence"] > 0) & (out["confidence"] <= 1)).all()

@@ -32,7 +32,8 @@ def test_cpu_engine_gets_explicit_kv_cache_and_one_cpu():
 
 # What every engine gets from genfarm's own fields at their defaults.
 OWN = {"model": "/models/m", "tokenizer": "/models/m", "dtype": "auto", "max_model_len": 2048,
-       "tensor_parallel_size": 1, "seed": 0}
+       "tensor_parallel_size": 1, "seed": 0,
+       "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}  # compact JSON
 
 
 def test_cpu_engine_keeps_genfarms_measured_defaults():

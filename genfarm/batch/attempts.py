@@ -158,7 +158,7 @@ def check(task: Task, row: dict, completion: Completion, seed: int | None, sampl
           checks: Checks) -> Sample:
     failed = failures(completion.text, completion.finish_reason, checks, task.hints(row))
     try:
-        return Sample(completion, task.parse(row, completion.text), failed, None, seed, sampling)
+        return Sample(completion, task.parse_completion(row, completion), failed, None, seed, sampling)
     except RowError as err:
         return Sample(completion, {}, failed + (["schema"] if err.kind == "invalid_output" else []), err, seed,
                       sampling)
@@ -182,6 +182,6 @@ def finish(task: Task, row: dict, sample: Sample, checks: Checks) -> None:
         if text != sample.completion.text:
             sample.completion = Completion(text, sample.completion.finish_reason, sample.completion.completion_tokens,
                                            sample.completion.index, sample.completion.logprob)
-            sample.columns = task.parse(row, text)
+            sample.columns = task.parse_completion(row, sample.completion)
             sample.failed.remove("truncated")
             sample.fixes.append("trimmed")

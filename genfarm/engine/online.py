@@ -56,10 +56,11 @@ class AsyncEngine(PromptEncoder):
             outputs = self.llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id)
             async for output in outputs:
                 yield [
-                    Completion(c.text, c.finish_reason, len(c.token_ids), c.index) for c in output.outputs
+                    Completion(c.text, c.finish_reason, len(c.token_ids), c.index, c.cumulative_logprob)
+                    for c in output.outputs
                 ]
-        except VLLMClientError as err:  # checks vLLM makes only once the request is in
-            raise InvalidRequest(str(err)) from None
+        except (VLLMClientError, ValueError) as err:  # checks vLLM makes only once the request is in; some raise
+            raise InvalidRequest(str(err)) from None  # a plain ValueError (a structured-output regex with a NUL)
 
     async def check_health(self) -> None:
         await self.llm.check_health()

@@ -45,6 +45,9 @@ def engine_args(model: ResolvedModel, spec: EngineSpec, gpu: bool) -> dict[str, 
     """Keyword arguments for vllm.LLM / AsyncEngineArgs: the device's defaults, then `engine.vllm` over them, then
     genfarm's own fields over everything (`engine.vllm` may not name those, see EngineSpec.OWN_FIELDS)."""
     args: dict[str, Any] = {} if gpu else dict(CPU_DEFAULTS)
+    # Structured answers as compact JSON: a model (a small one especially) cannot wander into whitespace until
+    # max_tokens, and answers cost fewer tokens. vLLM reads this setting per engine only, and only for xgrammar.
+    args["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     if gpu and gpus_per_engine(spec) > 1:
         # Inside a Ray actor that already holds the GPUs, worker processes beat a nested Ray placement.
         args["distributed_executor_backend"] = "mp"

@@ -63,10 +63,10 @@ async def chat_completions(body: api.ChatRequest, server: GenfarmServer = Server
         return await server.stream(call, ids, sampling, body.seed, ChatChunks(rid, model),
                                    include_usage=bool(body.stream_options and body.stream_options.include_usage),
                                    extra=extra)
-    [(texts, reasons)] = await server.complete(call, [ids], sampling, body.seed, extra)
+    [completions] = await server.complete(call, [ids], sampling, body.seed, extra)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                         "logprobs": None} for i, (text, reason) in enumerate(zip(texts, reasons))],
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "logprobs": None} for c in completions],
             "usage": usage(len(ids), call.tokens)}
 
 
@@ -87,10 +87,10 @@ async def completions(body: api.CompletionRequest, server: GenfarmServer = Serve
         return await server.stream(call, ids, sampling, body.seed, TextChunks(rid, model, echo),
                                    include_usage=bool(body.stream_options and body.stream_options.include_usage),
                                    extra=extra)
-    [(texts, reasons)] = await server.complete(call, [ids], sampling, body.seed, extra)
+    [completions] = await server.complete(call, [ids], sampling, body.seed, extra)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": echo + text, "finish_reason": reason, "logprobs": None}
-                        for i, (text, reason) in enumerate(zip(texts, reasons))],
+            "choices": [{"index": c.index, "text": echo + c.text, "finish_reason": c.finish_reason, "logprobs": None}
+                        for c in completions],
             "usage": usage(len(ids), call.tokens)}
 
 

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from ray import serve
 
-from genfarm.engine import AsyncEngine, InvalidRequest, PromptTooLong, use_gpu
+from genfarm.engine import AsyncEngine, Completion, InvalidRequest, PromptTooLong, use_gpu
 from genfarm.rows import Prompt, RowError
 from genfarm.serve import protocol as api
 from genfarm.serve.config import ServeSpec, api_keys
@@ -27,7 +27,7 @@ from genfarm.serve.metrics import ReplicaMetrics
 from genfarm.serve.replica import ReplicaState
 from genfarm.serve.responses import APIError, Call, sse, usage
 from genfarm.spec import SamplingSpec
-from genfarm.task import Task, make_task
+from genfarm.task import RowSampling, Task, make_task
 
 PUSH_INTERVAL_S = 1.0  # how often a replica sends its counters to the MetricsHub
 
@@ -70,6 +70,7 @@ class GenfarmServer:
         ReplicaState.keys, ReplicaState.metrics, ReplicaState.server = api_keys(spec), self.metrics, self
         self.hub, self.replica = hub, serve.get_replica_context().replica_id.unique_id
         self.tasks = online_tasks(spec)
+        self.token_chars = longest_token(self.engine.tokenizer)
         self._pusher: asyncio.Task | None = None
 
     async def check_health(self) -> None:
@@ -116,10 +117,20 @@ class GenfarmServer:
         except (ValueError, TemplateError) as err:  # the model's chat template refuses these messages
             raise call.error(APIError(400, f"the model's chat template refuses these messages: {err}", param=param,
                                       code="invalid_messages")) from None
+        most = self.spec.engine.max_model_len * self.token_chars  # characters any prompt that fits can have
+        if len(text) > most:  # refused (or cut) by its length alone, without tokenizing megabytes
+            if self.spec.engine.long_prompts == "error":
+                raise call.error(APIError(400, f"prompt has {len(text)} characters, more than max_model_len "
+                                          f"{self.spec.engine.max_model_len} tokens can hold", param=param,
+                                          code="context_length_exceeded"))
+            text = text[-most:]
         try:
-            return self.engine.encode(text, sampling.max_tokens)
+            ids = self.engine.encode(text, sampling.max_tokens)
         except PromptTooLong as err:
             raise call.error(APIError(400, str(err), param=param, code="context_length_exceeded")) from None
+        if not ids:
+            raise call.error(APIError(400, "the prompt is empty", param=param, code="invalid_parameter"))
+        return ids
 
     async def answer_task(self, name: str, body: api.SamplingParams):
         """A task route's answer: the task's own `respond`, with this replica lending it the engine."""
@@ -162,16 +173,20 @@ class GenfarmServer:
                            "(limits.request_timeout_s); ask for fewer max_tokens", kind="timeout",
                            code="timeout") from None
 
-    async def collect(self, call: Call, ids: list[int], params, n: int) -> tuple[list[str], list[str | None]]:
-        texts, reasons = [""] * n, [None] * n
+    async def collect(self, call: Call, ids: list[int], params, n: int) -> list[Completion]:
+        """The n whole completions of one prompt, from its streamed deltas (log-probabilities are cumulative)."""
+        whole = [Completion("", None, 0, index) for index in range(n)]
         async for completions in self.deltas(call, ids, params):
             for c in completions:
-                texts[c.index] += c.text
-                reasons[c.index] = c.finish_reason or reasons[c.index]
-        return texts, reasons
+                done = whole[c.index]
+                done.text += c.text
+                done.finish_reason = c.finish_reason or done.finish_reason
+                done.completion_tokens += c.completion_tokens
+                done.logprob = c.logprob if c.logprob is not None else done.logprob
+        return whole
 
     async def complete(self, call: Call, prompts: list[list[int]], sampling: SamplingSpec, seed: int | None,
-                       extra: dict | None = None):
+                       extra: dict | None = None) -> list[list[Completion]]:
         """Whole answers to one or more prompts (the segments of one translation share the request's slot);
         `extra`: further sampling parameters (a structured-output constraint)."""
         params = self.params(call, sampling, seed, extra)
@@ -235,6 +250,16 @@ class GenfarmServer:
                 pass
 
 
+def longest_token(tokenizer) -> int:
+    """The most characters of text one token can stand for, so that a text of more than max_model_len times that
+    many characters cannot fit the model: the longest token of the vocabulary (a byte-level token is that many
+    bytes), times 4 when the tokenizer normalizes text first (Unicode composition makes 3 characters into 1)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    shrinks = backend is None or backend.normalizer is not None
+    return max(len(token) for token in tokens if token) * (4 if shrinks else 1)
+
+
 class TaskCall:
     """What a task answering one request may use (genfarm.task.Online): this replica's engine, the request's
     sampling, and its errors as OpenAI-style 400s."""
@@ -248,8 +273,15 @@ class TaskCall:
     def encode(self, prompt: Prompt, param: str | None = None) -> list[int]:
         return self.server.encode(self.call, prompt, self.sampling, param)
 
-    async def complete(self, prompts: list[list[int]]) -> list[tuple[list[str], list[str | None]]]:
-        return await self.server.complete(self.call, prompts, self.sampling, self.seed)
+    async def complete(self, prompts: list[list[int]], wanted: RowSampling | None = None) -> list[list[Completion]]:
+        """Whole answers to the prompts, with the task's per-row sampling (a constraint, a token budget) if any."""
+        sampling, seed, extra = self.sampling, self.seed, {}
+        if wanted is not None:
+            changes = {"max_tokens": wanted.max_tokens, "stop": list(wanted.stop) if wanted.stop else None,
+                       "temperature": wanted.temperature, "top_p": wanted.top_p, "n": wanted.n}
+            sampling = sampling.model_copy(update={k: v for k, v in changes.items() if v is not None})
+            seed, extra = wanted.seed if wanted.seed is not None else seed, wanted.engine_extra()
+        return await self.server.complete(self.call, prompts, sampling, seed, extra)
 
     def reject(self, message: str, param: str | None = None, code: str = "invalid_parameter") -> APIError:
         return self.call.error(APIError(400, message, param=param, code=code))

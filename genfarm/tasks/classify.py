@@ -136,6 +136,9 @@ class Classify(Task):
             return {"regex": label_regex(self.labels())}
         return {"choice": self.labels()}
 
+    def parse_completion(self, row: dict, completion) -> dict:
+        return self.parse(row, completion.text, completion.logprob)
+
     def parse(self, row: dict, text: str, logprob: float | None = None) -> dict:
         """The label(s) of an answer; `logprob`, the answer's log-probability when the engine gives it, becomes
         the confidence."""
@@ -154,8 +157,9 @@ class Classify(Task):
         updates = {key: row[key] for key in ("labels", "multi_label") if row.get(key) is not None}
         task = Classify(self.config.model_copy(update=updates)) if updates else self
         ids = online.encode(task.prompt(row), param="text")
-        [([text], [reason])] = await online.complete([ids])
-        columns = task.parse(row, text)
+        [[completion]] = await online.complete([ids], task.sampling(row))
+        text, reason = completion.text, completion.finish_reason
+        columns = task.parse_completion(row, completion)
         return ClassifyResponse(id=f"classify-{uuid.uuid4().hex}", model=online.model, label=columns.get("label"),
                                 labels=columns.get("labels"), confidence=columns["confidence"], text=text,
                                 finish_reason=reason, usage=online.usage([ids]))

@@ -115,7 +115,8 @@ class Extract(Task):
         updates = {key: row[key] for key in ("json_schema", "instructions") if row.get(key) is not None}
         task = Extract(self.config.model_copy(update=updates)) if updates else self
         ids = online.encode(task.prompt(row), param="text")
-        [([text], [reason])] = await online.complete([ids])
+        [[completion]] = await online.complete([ids], task.sampling(row))
+        text, reason = completion.text, completion.finish_reason
         task.parse(row, text)  # valid against the schema, else the request's invalid_output error
         return ExtractionResponse(id=f"extract-{uuid.uuid4().hex}", model=online.model, data=json.loads(text),
                                   text=text, finish_reason=reason, usage=online.usage([ids]))

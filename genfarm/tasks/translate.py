@@ -209,7 +209,7 @@ class Translate(Task):
         async def generate(batch: list[Prompt]) -> list[tuple[str, str | None]]:
             prompts.extend(online.encode(prompt, param="text") for prompt in batch)
             answers = await online.complete(prompts)
-            return [(texts[0], reasons[0]) for texts, reasons in answers]
+            return [(completions[0].text, completions[0].finish_reason) for completions in answers]
 
         settings = c.model_copy(update={"source_language": source or None, "target_languages": [target]})
         try:

@@ -16,6 +16,7 @@ from echo_engine import EchoEngine
 from test_pipeline import run_worker
 
 from genfarm.batch.ledger import MANIFEST, Ledger
+from genfarm.engine import Completion
 from genfarm.errors import UserError
 from genfarm.rows import RowError
 from genfarm.serve.config import ServeSpec
@@ -125,8 +126,9 @@ class StandIn:
         self.prompts.append(prompt)
         return [1, 2, 3]
 
-    async def complete(self, prompts):
-        return [([self.answer], ["stop"]) for _ in prompts]
+    async def complete(self, prompts, wanted=None):
+        self.wanted = wanted
+        return [[Completion(self.answer, "stop", 1, 0, -0.5)] for _ in prompts]
 
     def reject(self, message, param=None, code="invalid_parameter"):
         return ValueError(f"{param}: {message}")
