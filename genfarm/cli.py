@@ -183,14 +183,23 @@ def _short(value, limit: int = 400) -> str:
 
 @app.command("eval")
 def evaluate(
-    output: str = typer.Argument(..., help="A translate job's output folder."),
-    references: str = typer.Option(..., "--references", help="JSONL file (or folder of them) of references: "
-                                   '{"id", "target_language", "reference"} per line, e.g. examples/references.'),
+    output: str = typer.Argument(..., help="A translate or classify job's output folder."),
+    references: Optional[str] = typer.Option(None, "--references", help="Translations: JSONL file (or folder of "
+                                             'them) of references, {"id", "target_language", "reference"} per line, '
+                                             "e.g. examples/references."),
+    gold: Optional[str] = typer.Option(None, "--gold", help="Classifications: the input column with the true "
+                                       "labels, e.g. label."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Score the references that have a "
                                        "translation and skip the others (default: every reference needs one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
 ) -> None:
-    """Score translations against references with chrF and BLEU (sacrebleu): per language and per document."""
+    """Score a job: translations against references (chrF and BLEU, sacrebleu: per language and per document), or
+    classifications against a column of true labels (accuracy, macro-F1, per-label precision/recall/F1)."""
+    if (references is None) == (gold is None):
+        raise UserError("genfarm eval", "give --references (translations) or --gold (classifications), one of them",
+                        "e.g. genfarm eval out/classify --gold label")
+    if gold is not None:
+        return print_classification_scores(output, gold, as_json)
     from genfarm.translation import evaluate as scores
 
     corpus, documents = scores.evaluate(scores.load_translations(output), scores.load_references(references),
@@ -208,6 +217,22 @@ def evaluate(
     out.print(per_language)
     for c in corpus:
         out.print(f"{c.target_language}: {c.chrf_signature}  {c.bleu_signature}", highlight=False)
+
+
+def print_classification_scores(output: str, gold: str, as_json: bool) -> None:
+    from genfarm.batch.ledger import Ledger
+    from genfarm.tasks.classify import score
+
+    scores = score(Ledger(output), gold)
+    if as_json:
+        print(json.dumps(scores, indent=2))
+        return
+    view = Table("label", "precision", "recall", "F1", "support", title=f"{output} against {scores['gold_column']}")
+    for label, s in scores["per_label"].items():
+        view.add_row(label, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}", str(s["support"]))
+    out.print(view)
+    out.print(f"accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} over {scores['scored_rows']} "
+              f"rows ({scores['error_rows']} error rows not scored)", highlight=False)
 
 
 @app.command()
