@@ -7,6 +7,7 @@ through the driver: the actor commits its own parts and hands back only counts f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from datetime import datetime, timezone
@@ -122,9 +123,10 @@ class GenerateWorker:
             reused_before = self.answers.reused
             generate_checked(self.engine, self.task, works, self.job.sampling.seed, self.checks, self.job.quality,
                              self.job.engine.max_model_len, self.answers)
-        except EngineDead:
+        except EngineDead as err:
             # Replace the engine the only safe way: let this actor die so Ray restarts it with a fresh one and
-            # retries the batch there (bounded by workers.max_retries).
+            # retries the batch there (bounded by workers.max_retries). The cause goes to the actor's log first.
+            logging.getLogger("genfarm").error("engine actor exits: %r", err.__cause__ or err)
             os._exit(1)
         finished = now()
         results: list[dict] = []

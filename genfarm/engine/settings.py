@@ -48,6 +48,10 @@ def engine_args(model: ResolvedModel, spec: EngineSpec, gpu: bool) -> dict[str, 
     # Structured answers as compact JSON: a model (a small one especially) cannot wander into whitespace until
     # max_tokens, and answers cost fewer tokens. vLLM reads this setting per engine only, and only for xgrammar.
     args["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    if not gpu:
+        # vLLM's CPU sampler cannot resume a seeded request whose prompt was prefilled in chunks ("CPU Generator
+        # does not use offset"): the engine dies on jobs with long prompts, and every genfarm row is seeded.
+        args["enable_chunked_prefill"] = False
     if gpu and gpus_per_engine(spec) > 1:
         # Inside a Ray actor that already holds the GPUs, worker processes beat a nested Ray placement.
         args["distributed_executor_backend"] = "mp"
