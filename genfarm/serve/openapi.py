@@ -1,0 +1,163 @@
+"""/openapi.json as exact as the service: what a request may hold is what the service takes.
+
+FastAPI describes the request models; what only the served config knows is added here: the one model name served,
+n > 1 only when sampling (vLLM refuses several greedy samples), one text per task request, non-blank task fields,
+the API key, 400 (not FastAPI's 422) for a bad request and 413 for a body over limits.max_body_bytes. Clients
+generated from it, and fuzzers, then send what is answered.
+
+A task whose request needs more than its model says (a field required unless the serve config sets it, values from
+a table of its own) says it with a classmethod `describe_request(schema: dict, config)` that edits its request's
+JSON schema (the helpers here write patterns that JSON Schema and Python's re read alike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi.openapi.utils import get_openapi
+
+from genfarm.serve.auth import OPEN_PATHS
+from genfarm.serve.protocol import INT64, SamplingParams
+from genfarm.serve.replica import ReplicaState
+from genfarm.task import task_classes
+
+GREEDY = 1e-5  # vLLM samples greedily below this temperature, and then refuses n > 1
+WHITESPACE = (  # what str.strip() strips: every character c with c.isspace()
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
+ERROR = {"$ref": "#/components/schemas/ErrorBody"}
+
+
+def char_class(chars: str, negate: bool = False) -> str:
+    escaped = "".join(f"\\u{ord(c):04x}" for c in chars)
+    return f"[{'^' if negate else ''}{escaped}]"
+
+
+def any_case(word: str) -> str:
+    return "".join(f"[{c}{c.upper()}]" if c.upper() != c else c.replace(" ", "\\u0020") for c in word)
+
+
+NOT_BLANK = char_class(WHITESPACE, negate=True)  # a text field needs one character str.strip() keeps
+
+
+def any_case_of(words) -> str:
+    """A pattern for any one of `words`, in any case (longest first)."""
+    return f"(?:{'|'.join(any_case(word) for word in sorted(words, key=len, reverse=True))})"
+
+
+def stripped(*choices: str) -> str:
+    """A pattern for a whole string that is one of `choices` (patterns), between characters str.strip() strips."""
+    space = char_class(WHITESPACE)
+    return f"^{space}*(?:{'|'.join(choices)}){space}*$"
+
+
+def exact_openapi(app, spec, routes: dict) -> Callable[[], dict]:
+    """app.openapi for the service of `spec` whose task routes are `routes` (task name -> Route). Built at the first
+    request for it, in the replica, which knows whether API keys are set."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            describe(schema, spec, {route.path: name for name, route in routes.items()}, bool(ReplicaState.keys))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+def describe(schema: dict, spec, task_paths: dict[str, str], keyed: bool) -> None:
+    components = schema.setdefault("components", {})
+    models = components.get("schemas", {})
+    if keyed:
+        components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer",
+                                                    "description": "Authorization: Bearer KEY"}}
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)  # validation errors are answered 400, in OpenAI's shape
+            if keyed and path not in OPEN_PATHS:
+                operation["security"] = [{"apiKey": []}]
+                responses.setdefault("401", {"description": "Missing or invalid API key", **content(ERROR)})
+            if "requestBody" not in operation:
+                continue
+            responses.setdefault("400", {"description": "Bad request", **content(ERROR)})
+            responses["413"] = {"description": "Body over limits.max_body_bytes", **content(ERROR)}
+            ref = operation["requestBody"]["content"].get("application/json", {}).get("schema", {}).get("$ref")
+            if ref is None:  # not a JSON body (an upload)
+                continue
+            request = models[ref.rsplit("/", 1)[-1]]
+            served_model(request, spec.model.name)
+            if path in task_paths:
+                config = spec.tasks[task_paths[path]]
+                task_request(request, config, task_classes()[config.type])
+            else:
+                sample_only_when_several(request, spec.sampling.temperature)
+    for model in models.values():
+        drop_null_defaults(model)
+        exact_bounds(model)
+
+
+def content(ref: dict) -> dict:
+    return {"content": {"application/json": {"schema": ref}}}
+
+
+def served_model(request: dict, name: str) -> None:
+    """`model` may only name the served model (the service answers model_not_found otherwise)."""
+    prop = request.get("properties", {}).get("model")
+    if prop is None:
+        return
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "string":
+            branch["enum"] = [name]
+
+
+def sample_only_when_several(request: dict, default_temperature: float) -> None:
+    """n > 1 needs a sampling temperature: vLLM refuses several greedy samples (the config's temperature applies when
+    a request leaves it out)."""
+    sampling = {"type": "number", "minimum": GREEDY}
+    then = {"properties": {"temperature": sampling if default_temperature < GREEDY else
+                           {"anyOf": [sampling, {"type": "null"}]}}}
+    if default_temperature < GREEDY:
+        then["required"] = ["temperature"]
+    request["if"] = {"properties": {"n": {"minimum": 2}}, "required": ["n"]}
+    request["then"] = then
+
+
+def task_request(request: dict, config, task: type) -> None:
+    """A task request: one text (n is 1) and every text field non-blank (the checks of a batch row); then what the
+    task itself says, knowing its config (its class's `describe_request`)."""
+    props = request.get("properties", {})
+    if "n" in props:
+        props["n"]["maximum"] = 1
+    for name, prop in props.items():
+        if name not in SamplingParams.model_fields and name != "model":
+            for branch in prop.get("anyOf", [prop]):
+                if branch.get("type") == "string":
+                    branch["pattern"] = NOT_BLANK
+    describe_request = getattr(task, "describe_request", None)
+    if describe_request is not None:
+        describe_request(request, config)
+
+
+def exact_bounds(model: dict) -> None:
+    """FastAPI writes every bound as a float: integers get theirs back, and the seed's int64 range exactly (as a
+    float it would round 2**63 - 1 up, out of range)."""
+    for name, prop in model.get("properties", {}).items():
+        for branch in prop.get("anyOf", [prop]):
+            if branch.get("type") != "integer":
+                continue
+            for bound in ("minimum", "maximum"):
+                if bound in branch:
+                    branch[bound] = int(branch[bound])
+            if name == "seed":
+                branch["minimum"], branch["maximum"] = -INT64, INT64 - 1
+
+
+def drop_null_defaults(model: dict) -> None:
+    """A field that may be left out but not sent as null: no `default: null` the schema would then refuse."""
+    for prop in model.get("properties", {}).values():
+        nullable = prop.get("type") == "null" or any(b.get("type") == "null" for b in prop.get("anyOf", []))
+        if "default" in prop and prop["default"] is None and not nullable:
+            del prop["default"]
