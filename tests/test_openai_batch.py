@@ -1,6 +1,6 @@
 """OpenAI's batch API for real: `genfarm run` on an OpenAI batch input file, and `genfarm serve` (local Ray, the tiny
 model) driven by the openai SDK through /v1/files and /v1/batches: a batch run to completed, another key kept out,
-a cancelled batch, and a service restarted mid-batch."""
+a cancelled batch, and a service killed mid-batch and started again."""
 
 from __future__ import annotations
 
@@ -129,6 +129,20 @@ class Service:
             assert self.proc.wait(timeout=180) == 0
         finally:
             self.proc.kill()
+
+    def kill(self) -> None:
+        """Every process of the service at once (SIGKILL), as a crash or a lost machine would stop it: nothing
+        finishes gracefully, Ray and the batch's runner and job included."""
+        import psutil
+
+        front = psutil.Process(self.proc.pid)
+        family = [front, *front.children(recursive=True)]
+        for process in family:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=30)
 
     def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
@@ -282,13 +296,14 @@ def test_a_cancelled_batch_returns_the_requests_that_finished(service):
     assert (batch.request_counts.completed, batch.request_counts.failed) == (len(outputs), len(errors))
 
 
-def test_a_batch_survives_a_restart_of_the_service(service):
+def test_a_batch_survives_the_service_killed_and_started_again(service):
     m = service.model
     lines = [chat(f"r-{i}", m, max_tokens=64, temperature=0) for i in range(12)]
     created = running_batch(service, lines)
     job = Path(service.config).parent / "store" / "batches" / created.id / "job"
     first_run = json.loads((job / "_genfarm" / "run.json").read_text())["run_id"]
-    service.stop()
+    service.kill()
+    assert 2 <= len(pq.read_table(job, columns=["id"])) < 12  # the job was cut off mid-way
     service.start()
     batch = service.wait(created.id, finished)
     assert batch.status == "completed" and batch.request_counts.completed == 12, batch
