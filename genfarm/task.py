@@ -168,6 +168,11 @@ class Task(ABC):
         return {}
 
     # --- online ------------------------------------------------------------------------------------------------
+    @classmethod
+    def describe_request(cls, schema: dict, config: TaskConfig) -> None:
+        """Make the route's published request schema (/openapi.json) as exact as the config allows, in place (e.g.
+        a field the config leaves no default for is required); by default it stays as the request model says."""
+
     async def respond(self, row: dict, online: Online) -> BaseModel:
         """The answer to one request on the task's route, whose task fields (the body without sampling parameters)
         are `row`: by default one prompt, one text, and its parsed columns."""

@@ -136,9 +136,7 @@ def task_request(request: dict, config, task: type) -> None:
             for branch in prop.get("anyOf", [prop]):
                 if branch.get("type") == "string":
                     branch["pattern"] = NOT_BLANK
-    describe_request = getattr(task, "describe_request", None)
-    if describe_request is not None:
-        describe_request(request, config)
+    task.describe_request(request, config)
 
 
 def exact_bounds(model: dict) -> None:
