@@ -135,14 +135,10 @@ class Service:
         finishes gracefully, Ray and the batch's runner and job included."""
         import psutil
 
+        from genfarm.reaper import kill_all
+
         front = psutil.Process(self.proc.pid)
-        family = [front, *front.children(recursive=True)]
-        for process in family:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=30)
+        assert not kill_all([front, *front.children(recursive=True)], timeout_s=30)
 
     def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
