@@ -1,13 +1,14 @@
-"""Helper process for test_multinode: the driver of one genfarm job on a Ray cluster whose worker nodes live in
-network namespaces of their own (see netns.py; the test starts the head on the host side of the bridge and the first
-worker nodes), and, while the job runs, one worker node added (started in a spare namespace) or removed (every process
-in its namespace killed). What the test needs is printed as one JSON line. Runs in its own process because a process
-can belong to one Ray cluster only, and the test session already has one.
+"""Helper process for test_multinode: the worker nodes (each in a network namespace of its own, see netns.py; the
+test starts the head on the host side of the bridge) and the driver of one genfarm job on them, and, while the job
+runs, one worker node added (started in a spare namespace) or removed (every process in its namespace killed). What
+the test needs is printed as one JSON line. Runs in its own process because a process can belong to one Ray cluster
+only, and the test session already has one.
 
 Usage: multinode_job.py JOB_JSON LAYOUT_JSON, LAYOUT = {"head": "IP:PORT", "network": netns.Network's fields,
-"nodes": [cpus of each worker node started by the test], "node_command": {"IP": argv of `ray start` for the node of
-that address}, "change": null | "add" | "remove", "after_parts": committed parts to wait for before the change,
-"wait_for_engines": bool}. The job's input and output are on object storage (credentials in the environment).
+"nodes": [cpus of each worker node to start], "node_command": {"IP": argv of `ray start` for the node of that
+address}, "logs": folder for the nodes' output, "change": null | "add" | "remove", "after_parts": committed parts to
+wait for before the change, "wait_for_engines": bool, "dashboard": URL or null}. The job's input and output are on
+object storage (credentials in the environment, which the nodes inherit).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import ipaddress
 import json
 import logging
 import os
+import subprocess
 import sys
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,6 +49,33 @@ def alive_nodes() -> dict[str, str]:
     return {node["NodeManagerAddress"]: node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
 
+def start_node(net: Network, index: int, layout: dict) -> subprocess.Popen:
+    """Start the worker node of namespace `index` (`ray start --block` under a /tmp of its own), logging to a file."""
+    address = net.node_ip(index)
+    with open(os.path.join(layout["logs"], f"node{index}.log"), "ab") as log:
+        return net.popen(index, layout["node_command"][address], private_tmp=True, stdout=log,
+                         stderr=subprocess.STDOUT)
+
+
+def join(net: Network, indexes: list[int], layout: dict, tries: int = 3) -> dict[str, str]:
+    """Start the worker nodes of these namespaces and wait until all are in the cluster: address -> node id.
+    A node whose `ray start` gave up (its raylet has 30 s to register, which a loaded machine can exceed) is cleared
+    and started again."""
+    started = {index: start_node(net, index, layout) for index in indexes}
+    restarts = {index: 0 for index in indexes}
+
+    def joined() -> dict[str, str] | None:
+        nodes = alive_nodes()
+        for index, process in started.items():
+            if process.poll() is not None and net.node_ip(index) not in nodes and restarts[index] < tries:
+                net.kill(index)  # whatever the failed start left in the namespace
+                started[index], restarts[index] = start_node(net, index, layout), restarts[index] + 1
+        addresses = [net.node_ip(index) for index in indexes]
+        return {a: nodes[a] for a in addresses} if all(a in nodes for a in addresses) else None
+
+    return wait_for(joined, timeout=180, what=f"worker nodes {indexes} to join")
+
+
 def change_cluster(net: Network, layout: dict, workers: dict[str, str], store: Ledger, running) -> dict:
     """Add a worker node once the job has committed `after_parts` parts, or remove the last worker node once its
     engine has committed that many: synchronised on progress, not time, so the change lands mid-job."""
@@ -58,11 +88,8 @@ def change_cluster(net: Network, layout: dict, workers: dict[str, str], store: L
         raise SystemExit("the job finished before the cluster changed: give it more rows or longer outputs")
     parts_before = len(store.parts())
     if layout["change"] == "add":
-        index = len(workers)  # the spare namespace: one more than the nodes the test started
-        address = net.node_ip(index)
-        with open(os.devnull, "wb") as quiet:
-            net.popen(index, layout["node_command"][address], private_tmp=True, stdout=quiet, stderr=quiet)
-        node = wait_for(lambda: alive_nodes().get(address), timeout=120, what=f"the node at {address} to join")
+        index = len(workers)  # the spare namespace: one more than the nodes started first
+        (address, node), = join(net, [index], layout).items()
     else:
         address, node = last, workers[last]
         net.kill(list(workers).index(last))  # its raylet and every process on it, like a machine that is lost
@@ -73,11 +100,18 @@ def change_cluster(net: Network, layout: dict, workers: dict[str, str], store: L
 def main(job: JobSpec, layout: dict) -> dict:
     net = Network(**{**layout["network"], "subnet": ipaddress.ip_network(layout["network"]["subnet"])})
     addresses = [net.node_ip(index) for index in range(len(layout["nodes"]))]
-    ray.init(address=layout["head"], _node_ip_address=net.host_ip, log_to_driver=False,
-             logging_level=logging.WARNING)
+    for attempt in range(3):  # a loaded machine's GCS may not answer the first time
+        try:
+            ray.init(address=layout["head"], _node_ip_address=net.host_ip, log_to_driver=False,
+                     logging_level=logging.WARNING)
+            break
+        except ConnectionError:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(10)
     try:
-        workers = wait_for(lambda: (nodes := alive_nodes()) and all(a in nodes for a in addresses)
-                           and {a: nodes[a] for a in addresses}, timeout=120, what="every worker node")
+        workers = join(net, list(range(len(layout["nodes"]))), layout)
         if layout.get("wait_for_engines"):
             # Rows flow only once every engine of the pool is up: on a loaded 2-core machine one engine can start
             # so much later than the other that the first has taken all the work of a small job.

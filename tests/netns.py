@@ -3,7 +3,8 @@
 `network(n)` makes a bridge with the host's address on it (198.18.X.1/24, from the 198.18.0.0/15 benchmarking
 range, a /24 no interface here uses yet) and n namespaces, each with a veth into the bridge and its own address
 (198.18.X.2, .3, ...), only a route to that /24 and loopback: a namespace reaches the other namespaces and the host
-side of the bridge, nothing else. `Network.popen(i, argv)` runs a command inside namespace i (`ip netns exec`),
+side of the bridge, nothing else; in it, this machine's name resolves to the namespace's own address.
+`Network.popen(i, argv)` runs a command inside namespace i (`ip netns exec`),
 optionally with a /tmp of its own (a tmpfs in the command's mount namespace), so that nothing can assume another
 node's /tmp. On leaving, every process inside the namespaces is killed and the namespaces, veths and bridge are
 deleted, also after a failure. Needs root (CAP_NET_ADMIN); `unavailable()` says why not, for a skip.
@@ -11,16 +12,21 @@ deleted, also after a failure. Needs root (CAP_NET_ADMIN); `unavailable()` says 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 RANGE = ipaddress.ip_network("198.18.0.0/15")
+ETC_NETNS = "/etc/netns"  # per-namespace files that `ip netns exec` mounts over /etc
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -89,6 +95,12 @@ class Network:
             ip("-n", name, "addr", "add", f"{self.node_ip(index)}/24", "dev", node_end)
             ip("-n", name, "link", "set", node_end, "up")
             ip("-n", name, "link", "set", "lo", "up")
+            # `ip netns exec` puts /etc/netns/NAME/hosts over /etc/hosts: this machine's name resolves to the node's own
+            # address there, as on a machine of its own (here it is 127.0.0.1, which Ray falls back to when it cannot
+            # find its address by a route to the internet, which a namespace has not).
+            etc = Path(ETC_NETNS, name)
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.node_ip(index)} {socket.gethostname()}\n")
 
     def command(self, index: int, argv: list[str], private_tmp: bool = False) -> list[str]:
         """`argv` as run inside namespace `index`; with private_tmp, under a /tmp of its own."""
@@ -124,7 +136,10 @@ class Network:
         for index, name in enumerate(self.namespaces):
             ip("netns", "del", name, check=False)
             ip("link", "del", f"gfh{self.tag}{index}", check=False)
+            shutil.rmtree(Path(ETC_NETNS, name), ignore_errors=True)
         ip("link", "del", self.bridge, check=False)
+        with contextlib.suppress(OSError):
+            os.rmdir(ETC_NETNS)  # only when no other namespace has files there
 
 
 @contextmanager
