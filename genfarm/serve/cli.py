@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typer.core import TyperGroup
 
+from genfarm import reaper
 from genfarm.console import ADDRESS_HELP, err, out
 from genfarm.errors import UserError
 
@@ -54,11 +56,19 @@ def start(
         deploy.wait_until_running(address, spec.name, on_change=_say_status)
         _say_ready(spec, address)
         return
-    deploy.check_port_free(spec.http.host, spec.http.port)
+    if not deploy.is_host():
+        # The front: Ray and the replicas run in a process of their own (see deploy.LocalService), this one stays
+        # in the foreground, passes a stop on and makes sure nothing of the service outlives it.
+        command = [sys.executable, "-m", "genfarm", "serve", "start", *([str(config)] if config else []),
+                   *(arg for item in set_ for arg in ("--set", item)),
+                   *(["--host", host] if host else []), *(["--port", str(port)] if port else [])]
+        raise typer.Exit(deploy.run_local(command, spec))
+    reaper.signal_on_parent_death(signal.SIGTERM)  # stop with the front, however it goes
+    if not deploy.is_host():
+        return  # the front went before the signal was set
     try:
         with deploy.local_cluster(spec) as local_address:
-            # After Ray's own handlers: `kill` stops it cleanly, and so does Ctrl-C even when a non-interactive shell
-            # started us in the background (which makes SIGINT ignored).
+            # After Ray's own handlers: the front's SIGTERM stops it cleanly.
             signal.signal(signal.SIGTERM, signal.default_int_handler)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
@@ -68,9 +78,9 @@ def start(
                 out.print("Ctrl-C stops the service.")
                 signal.pause()
             finally:
-                # A second `kill` must not cut the shutdown short: it would orphan the engine processes.
-                # (A second Ctrl-C still forces the way out.)
+                # A second `kill` must not cut the shutdown short (the front kills what is left after a while).
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 err.print("stopping: replicas and their engines shut down first")
     except KeyboardInterrupt:
         err.print("stopped")
