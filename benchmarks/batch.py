@@ -123,8 +123,8 @@ def run_raydata(model: str, scenario: str, data: list[dict], work: Path) -> dict
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from genfarm.cluster import use_local_ray_env
     from genfarm.engine import prepare_process_env
+    from genfarm.local_ray import use_local_ray_env
     from genfarm.models import ResolvedModel
     from genfarm.spec import EngineSpec
 

@@ -1,5 +1,5 @@
-"""Operating a running Ray cluster: submit genfarm jobs through Ray's Jobs API, follow them, see what runs where;
-and the settings of the Ray genfarm starts for itself on one machine."""
+"""Operating a running Ray cluster: submit genfarm jobs through Ray's Jobs API, follow them, see what runs where.
+(The settings of the Ray genfarm starts for itself on one machine are in genfarm/local_ray.py.)"""
 
 from __future__ import annotations
 
@@ -19,18 +19,6 @@ from genfarm.storage import is_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 AGENT_WAIT_S = 60
-# Settings for a Ray that genfarm starts for itself on this machine (a local job or service). Ray runs workers at
-# nice 15 so its daemons stay responsive; here the engine is the work, and at nice 15 it lost the CPU to every other
-# process (a load client, Ray's daemons, a neighbour). Operators of `ray start` clusters can export the same.
-LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
-
-
-def use_local_ray_env(extra: dict[str, str] | None = None) -> None:
-    """Put LOCAL_RAY_ENV (and `extra`) in this process's env for the Ray it is about to start; what the user set
-    wins."""
-    for name, value in {**LOCAL_RAY_ENV, **(extra or {})}.items():
-        os.environ.setdefault(name, value)
-
 
 def address_or_default(address: str | None) -> str:
     return address or os.environ.get("GENFARM_CLUSTER") or DEFAULT_ADDRESS

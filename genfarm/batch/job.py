@@ -24,9 +24,9 @@ from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
 from genfarm.batch.progress import JobProgress, LiveTokens
 from genfarm.batch.source import count_work_rows, infer_schema, list_inputs
 from genfarm.batch.worker import OWN_COLUMNS, GenerateWorker, record_failures
-from genfarm.cluster import use_local_ray_env
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
+from genfarm.local_ray import use_local_ray_env
 from genfarm.spec import JobSpec, QualitySpec
 from genfarm.storage import storage_error
 from genfarm.task import Expander, FinishedJob, Task, make_task

@@ -22,10 +22,10 @@ from pathlib import Path
 import psutil
 
 from genfarm import reaper
-from genfarm.cluster import use_local_ray_env
 from genfarm.console import err
 from genfarm.engine import worker_resources
 from genfarm.errors import UserError
+from genfarm.local_ray import use_local_ray_env
 from genfarm.serve.config import ReplicasSpec, ServeSpec, api_keys
 
 IMPORT_PATH = "genfarm.serve.app:build"
