@@ -47,6 +47,20 @@ def check_schema(schema: Any) -> None:
     except jsonschema.SchemaError as err:
         where = "/".join(map(str, err.absolute_path)) or "(top)"
         raise ValueError(f"not a valid JSON schema at {where}: {err.message}. Fix: see json-schema.org") from None
+    if (where := huge_integer(schema)) is not None:  # the engine's messages carry 64-bit integers at most
+        raise ValueError(f"the JSON schema has an integer beyond 64 bits at {where or '(top)'}. Fix: use a smaller "
+                         "number (or a float)")
+
+
+def huge_integer(value: Any, path: str = "") -> str | None:
+    """The path of the first integer in `value` outside [-2**63, 2**64 - 1], or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return path if not -2**63 <= value < 2**64 else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if (found := huge_integer(item, f"{path}/{key}" if path else str(key))) is not None:
+            return found
+    return None
 
 
 def schema_columns(schema: dict) -> dict[str, pa.DataType]:

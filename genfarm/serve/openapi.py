@@ -7,7 +7,7 @@ generated from it, and fuzzers, then send what is answered.
 
 A task whose request needs more than its model says (a field required unless the serve config sets it, values from
 a table of its own) says it with a classmethod `describe_request(schema: dict, config)` that edits its request's
-JSON schema (the helpers here write patterns that JSON Schema and Python's re read alike).
+JSON schema (genfarm/serve/patterns.py writes patterns that JSON Schema and Python's re read alike).
 """
 
 from __future__ import annotations
@@ -17,39 +17,13 @@ from collections.abc import Callable
 from fastapi.openapi.utils import get_openapi
 
 from genfarm.serve.auth import OPEN_PATHS
+from genfarm.serve.patterns import NOT_BLANK
 from genfarm.serve.protocol import INT64, SamplingParams
 from genfarm.serve.replica import ReplicaState
 from genfarm.task import task_classes
 
 GREEDY = 1e-5  # vLLM samples greedily below this temperature, and then refuses n > 1
-WHITESPACE = (  # what str.strip() strips: every character c with c.isspace()
-    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
-    "\u2028\u2029\u202f\u205f\u3000"
-)
 ERROR = {"$ref": "#/components/schemas/ErrorBody"}
-
-
-def char_class(chars: str, negate: bool = False) -> str:
-    escaped = "".join(f"\\u{ord(c):04x}" for c in chars)
-    return f"[{'^' if negate else ''}{escaped}]"
-
-
-def any_case(word: str) -> str:
-    return "".join(f"[{c}{c.upper()}]" if c.upper() != c else c.replace(" ", "\\u0020") for c in word)
-
-
-NOT_BLANK = char_class(WHITESPACE, negate=True)  # a text field needs one character str.strip() keeps
-
-
-def any_case_of(words) -> str:
-    """A pattern for any one of `words`, in any case (longest first)."""
-    return f"(?:{'|'.join(any_case(word) for word in sorted(words, key=len, reverse=True))})"
-
-
-def stripped(*choices: str) -> str:
-    """A pattern for a whole string that is one of `choices` (patterns), between characters str.strip() strips."""
-    space = char_class(WHITESPACE)
-    return f"^{space}*(?:{'|'.join(choices)}){space}*$"
 
 
 def exact_openapi(app, spec, routes: dict) -> Callable[[], dict]:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from genfarm.quality import Hints
 from genfarm.rows import Prompt, RowError, chat, text_field
+from genfarm.serve.patterns import NOT_BLANK, any_case_of, stripped
 from genfarm.serve.protocol import SamplingParams, Usage
 from genfarm.task import MappedTaskConfig, Online, Route, Task
 from genfarm.translation import languages
@@ -155,6 +156,23 @@ class Reply(Task):
     quality_defaults = {"language": True, "min_words": 5}
     trimmable = True
     config: ReplyConfig
+
+    @classmethod
+    def describe_request(cls, schema: dict, config: ReplyConfig) -> None:
+        """`text` or `messages`, one of them; messages with the roles `transcript` takes, one of them a customer's
+        message that is not blank."""
+        props = schema["properties"]
+        schema["oneOf"] = [{"required": [name], "properties": {name: {"type": kind}}}
+                           for name, kind in (("text", "string"), ("messages", "array"))]
+        role = stripped(any_case_of(ROLES))
+        customer = stripped(any_case_of(name for name, said in ROLES.items() if said == CUSTOMER))
+        for branch in props["messages"].get("anyOf", [props["messages"]]):
+            if branch.get("type") == "array":
+                # (the message model is a $ref to the shared components: its role is narrowed here, where used)
+                branch["items"] = {"allOf": [branch["items"], {"properties": {"role": {"pattern": role}}}]}
+                branch["contains"] = {"required": ["role", "content"],
+                                      "properties": {"role": {"pattern": customer},
+                                                     "content": {"pattern": NOT_BLANK}}}
 
     @property
     def field(self) -> str:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from genfarm.quality import Hints
 from genfarm.rows import Prompt, RowError, text_field
+from genfarm.serve.patterns import any_case_of, stripped
 from genfarm.serve.protocol import SamplingParams, Usage
 from genfarm.spec import JobSpec, Spec
 from genfarm.task import FinishedJob, MappedTaskConfig, Online, Route, Task
@@ -124,6 +125,10 @@ class TranslationResponse(BaseModel):
     usage: Usage
 
 
+# /openapi.json's pattern for a language field: what languages.to_code takes (a tag of a known language, its script
+# and region, or an English name), in any case, between spaces
+LANGUAGE = stripped(any_case_of(languages.LANGUAGES) + "(?:[-_][A-Za-z]{4})?(?:[-_](?:[A-Za-z]{2}|[0-9]{3}))?",
+                    any_case_of(languages.BY_NAME))
 SENTENCE_COLUMNS = {"source_language": pa.string(), "target_language": pa.string()}
 SEGMENT_COLUMNS = {"document_id": pa.string(), "segment_index": pa.int32(), "segment_count": pa.int32()}
 
@@ -135,6 +140,19 @@ class Translate(Task):
     output_columns = SENTENCE_COLUMNS
     quality_defaults = {"language": True, "length_ratio": (0.3, 3.0)}
     config: TranslateConfig
+
+    @classmethod
+    def describe_request(cls, schema: dict, config: TranslateConfig) -> None:
+        """Languages genfarm knows; the target is required unless the serve config's tasks.translate names one."""
+        props = schema["properties"]
+        for name in ("source_language", "target_language"):
+            for branch in props[name].get("anyOf", [props[name]]):
+                if branch.get("type") == "string":
+                    branch["pattern"] = LANGUAGE
+        if config.target_language is None:
+            schema.setdefault("required", []).append("target_language")
+            props["target_language"] = {"type": "string", "pattern": LANGUAGE,
+                                        "description": props["target_language"].get("description", "")}
 
     def output_schema(self) -> dict[str, pa.DataType]:
         return {**SENTENCE_COLUMNS, **(SEGMENT_COLUMNS if self.config.documents else {})}
