@@ -20,6 +20,7 @@ from genfarm.serve.deploy import free_ports
 SCRIPT = Path(__file__).parents[1] / "cluster" / "local-cluster.sh"
 GENFARM = Path(sys.executable).parent / "genfarm"  # called by its path, as from a shell that did not activate .venv
 JOB_TIMEOUT_S = 150
+ROWS = 32
 
 pytestmark = pytest.mark.timeout(JOB_TIMEOUT_S + 150)
 
@@ -58,16 +59,17 @@ def test_start_submit_follow_status_stop(tmp_path, tmp_path_factory, tiny, ray_s
     def genfarm(*args) -> subprocess.CompletedProcess:
         return run(GENFARM, *args, "--address", address)
 
-    # 8 input files of 2 rows: 8 blocks to hand out, so both engines get some
+    # 8 input files of 4 rows: 8 blocks to hand out, each long enough to generate (48 tokens a row) that the blocks
+    # queue up and both engines get some; with a few tokens an engine can finish each block before the next is read
     for shard in range(8):
-        write_jsonl(tmp_path / "in" / f"t{shard}.jsonl", topics(16)[shard::8])
+        write_jsonl(tmp_path / "in" / f"t{shard}.jsonl", topics(ROWS)[shard::8])
     out = tmp_path / "out"
     job = tmp_path / "job.yaml"
     # Engines reserve 2 CPUs: one fits each worker node, none the 1-CPU head.
     job.write_text(f"input: {{path: {tmp_path / 'in'}, id_column: id}}\ntask: {{type: article}}\n"
                    f"model: {{name: {tiny}}}\n"
                    "engine: {max_model_len: 512, kv_cache_gib: 0.25, cpus_per_worker: 2, cpu_threads: 1}\n"
-                   "sampling: {max_tokens: 8}\nworkers: {count: 2, batch_size: 2}\n"
+                   "sampling: {max_tokens: 48}\nworkers: {count: 2, batch_size: 2}\n"
                    f"output: {{path: {out}}}\n")
     try:
         started = run("bash", SCRIPT, "start", 2, 2, timeout=180)
@@ -86,13 +88,13 @@ def test_start_submit_follow_status_stop(tmp_path, tmp_path_factory, tiny, ray_s
             time.sleep(2)
         logs = genfarm("jobs", "logs", job_id).stdout
         assert status == "SUCCEEDED", logs[-4000:]
-        assert "complete: 16 of 16 rows generated" in logs
+        assert f"complete: {ROWS} of {ROWS} rows generated" in logs
 
         cluster = json.loads(genfarm("cluster", "status", "--json").stdout)
         assert len(cluster["nodes"]) == 3 and sum(node["head"] for node in cluster["nodes"]) == 1
         workers = {node["node_id"] for node in cluster["nodes"] if not node["head"]}
         results = pd.read_parquet(out)
-        assert len(results) == 16
+        assert len(results) == ROWS
         assert set(results["node_id"]) == workers  # rows from both worker nodes, none from the head
         assert results["worker_id"].nunique() == 2  # by one engine each
 
