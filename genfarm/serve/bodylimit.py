@@ -1,4 +1,7 @@
-"""The request body limit (limits.max_body_bytes): a body over it is refused with 413 before anything parses it."""
+"""The request body limit (limits.max_body_bytes): a body over it is refused with 413 before anything parses it.
+
+Uploads (POST /v1/files) are not held to it: a batch input file may be far larger than any one request, and the
+upload route streams it to storage, holding it to batches.max_file_bytes as it reads."""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ class BodyLimit:
     the limit is refused at once, unread; a body without one (chunked) is read up to the limit and refused when it
     passes it. A body within the limit is handed on whole, then the connection's later messages (a disconnect)."""
 
-    def __init__(self, inner, max_bytes: int):
-        self.inner, self.max_bytes = inner, max_bytes
+    def __init__(self, inner, max_bytes: int, streamed: tuple[str, ...] = ("/v1/files",)):
+        self.inner, self.max_bytes, self.streamed = inner, max_bytes, streamed
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.streamed:
             return await self.inner(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):

@@ -57,10 +57,10 @@ def describe(schema: dict, spec, task_paths: dict[str, str], keyed: bool) -> Non
             if "requestBody" not in operation:
                 continue
             responses.setdefault("400", {"description": "Bad request", **content(ERROR)})
-            responses["413"] = {"description": "Body over limits.max_body_bytes", **content(ERROR)}
             ref = operation["requestBody"]["content"].get("application/json", {}).get("schema", {}).get("$ref")
-            if ref is None:  # not a JSON body (an upload)
+            if ref is None:  # not a JSON body (an upload, held to batches.max_file_bytes as it streams: a 400)
                 continue
+            responses["413"] = {"description": "Body over limits.max_body_bytes", **content(ERROR)}
             request = models[ref.rsplit("/", 1)[-1]]
             served_model(request, spec.model.name)
             if path in task_paths:

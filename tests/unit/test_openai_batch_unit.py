@@ -212,6 +212,7 @@ def api(tmp_path, monkeypatch):
 
     from genfarm.serve import batches
     from genfarm.serve.auth import RequireApiKey
+    from genfarm.serve.bodylimit import BodyLimit
     from genfarm.serve.config import ServeSpec, hashed
     from genfarm.serve.replica import ReplicaState
     from genfarm.serve.responses import APIError
@@ -224,6 +225,7 @@ def api(tmp_path, monkeypatch):
     monkeypatch.setattr(ReplicaState, "server", FakeServer(spec))
     app = FastAPI()
     app.add_exception_handler(APIError, lambda request, err: err.response())
+    app.add_middleware(BodyLimit, max_bytes=1024)  # smaller than an upload: uploads are not held to it
     app.add_middleware(RequireApiKey)
     app.state.route_labels = {}
     app.include_router(batches.router)
@@ -256,6 +258,8 @@ def test_uploads_are_checked_line_by_line_with_clear_400s(api):
     assert api.get("/v1/files", headers=key("k1")).json()["data"] == []  # nothing kept of a refused upload
     made = upload(api, [chat("a"), line("b", url="/v1/embeddings")])  # what the API refuses is the batch's to report
     assert made.status_code == 200 and oai.FileObject.model_validate(made.json()).bytes > 0
+    long = upload(api, [chat("a", "x" * 4000)])  # over the request body limit, within the file limit
+    assert long.status_code == 200 and oai.FileObject.model_validate(long.json()).bytes > 4000, long.text
 
 
 def test_a_key_sees_and_cancels_its_own_batches_only(api):
