@@ -14,6 +14,7 @@ ERROR_TYPES = (
     "duplicate_id",  # the id column repeats a value within a file
     "empty_prompt",  # the text the task needs is empty
     "invalid_template",  # the user's template failed on this row
+    "chat_template",  # the model's chat template refuses the row's messages (e.g. a role it does not take)
     "prompt_too_long",  # longer than the engine's context allows
     "engine_error",  # vLLM refused or failed this prompt
     "timeout",  # generation took longer than the per-request limit

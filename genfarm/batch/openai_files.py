@@ -41,6 +41,7 @@ LINE_ERRORS = {"bad_json": "invalid_json_line", "missing_field": "missing_custom
 NOT_A_REQUEST = {"invalid_url", "invalid_method"}  # invalid_request codes of a line that names no API request
 # Error rows of a request that ran and failed: (status, error type, code), as the online API answers them.
 RESPONSE_ERRORS = {"prompt_too_long": (400, "invalid_request_error", "context_length_exceeded"),
+                   "chat_template": (400, "invalid_request_error", "invalid_messages"),
                    "timeout": (504, "timeout", "timeout"), "engine_error": (500, "server_error", "engine_error")}
 REQUEST_ERROR = re.compile(r"^(\w+)(?: \(([^)]*)\))?: (.*)$", re.S)
 

@@ -13,6 +13,7 @@ import threading
 from datetime import datetime, timezone
 
 import pyarrow as pa
+from jinja2 import TemplateError
 
 from genfarm.batch.attempts import GreedyAnswers, Sample, Work, generate_checked
 from genfarm.batch.ledger import Ledger, part_name, source_key
@@ -113,7 +114,11 @@ class GenerateWorker:
                     raise RowError.parse(row["_gf_error"])
                 prompt = self.task.prompt(row)
                 sampling, extra, seed = row_sampling(self.job.sampling, self.task.sampling(row))
-                text = self.engine.render(prompt.messages, prompt.text)
+                try:
+                    text = self.engine.render(prompt.messages, prompt.text)
+                except (ValueError, TemplateError) as err:  # as the online API's 400 invalid_messages
+                    raise RowError("chat_template", f"the model's chat template refuses these messages: {err}") \
+                        from None
                 works.append(Work(row, text, self.engine.encode(text, sampling.max_tokens), sampling, extra, seed))
             except RowError as err:
                 errors.append(self._error(row, err.kind, err.message))

@@ -5,18 +5,22 @@ writes: those tests run the real vLLM engine."""
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from genfarm.engine import Completion, Generation, PromptTooLong
 
 
 class EchoEngine:
-    def __init__(self, max_prompt_words: int = 200, fail_on: str | None = None):
-        self.max_prompt_words, self.fail_on = max_prompt_words, fail_on
+    def __init__(self, max_prompt_words: int = 200, fail_on: str | None = None, refused_role: str | None = None):
+        self.max_prompt_words, self.fail_on, self.refused_role = max_prompt_words, fail_on, refused_role
         self.requests: list[tuple[list[int], object, int | None, dict | None]] = []
         self.vocabulary: list[str] = []
 
     def render(self, messages: list[dict] | None, text: str | None) -> str:
         if messages is None:
             return text
+        if any(m["role"] == self.refused_role for m in messages):  # as some models' templates refuse a system role
+            raise TemplateError(f"{self.refused_role} role not supported")
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
 
     def encode(self, prompt: str, max_tokens: int) -> list[int]:

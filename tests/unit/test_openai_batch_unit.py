@@ -166,6 +166,18 @@ def test_a_job_writes_openai_output_and_error_files_every_custom_id_once(tmp_pat
     assert (out / "_openai" / "output").is_dir() and len(list((out / "_openai" / "output").iterdir())) == 1
 
 
+def test_messages_the_chat_template_refuses_are_an_error_line_not_a_failed_part(tmp_path):
+    system = line("sys", {"model": "echo", "messages": [{"role": "system", "content": "be brief"},
+                                                        {"role": "user", "content": "hi"}]})
+    stats = run(job_for(tmp_path, [chat("a"), system, chat("b")]), EchoEngine(refused_role="system"))
+    assert (stats["rows"], stats["errors"]) == (3, 1)
+    [error] = read_lines(tmp_path / "out" / "_openai" / "errors.jsonl")
+    assert error["custom_id"] == "sys" and error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["code"] == "invalid_messages"
+    assert "system role not supported" in error["response"]["body"]["error"]["message"]
+    assert sorted(x["custom_id"] for x in read_lines(tmp_path / "out" / "_openai" / "output.jsonl")) == ["a", "b"]
+
+
 def test_collect_accounts_for_requests_that_never_ran(tmp_path):
     job = job_for(tmp_path, [chat("a"), chat("b"), chat("c")])
     fs, files = list_inputs(job.input)
