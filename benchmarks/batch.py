@@ -1,12 +1,17 @@
 """genfarm vs bare vLLM vs ray.data.llm: the same prompts, model, engine settings and sampling, in one run.
 
-    python -m benchmarks.batch                      # both scenarios, all three systems, two rounds
-    python -m benchmarks.batch --scenario articles --prompts 128 --rounds 1
+    python -m benchmarks.batch                      # both layouts and scenarios, all three systems, two rounds
+    python -m benchmarks.batch --layout gpu-node --scenario articles --prompts 128 --rounds 1
 
 Each system runs in a fresh subprocess, one after another, so none shares a warm process with another:
   bare     vllm.LLM + one LLM.generate call over every prompt: the ceiling
   genfarm  a genfarm batch job end to end: Ray start, read JSONL, render, generate, write Parquet
   raydata  ray.data.llm.build_processor with the same engine settings, writing Parquet too
+Two layouts, the same for every system:
+  gpu-node   the engine on cores - 1 threads, Ray's processes on the spare core: how a GPU node runs, where the
+             engine does not need the host's cores and Ray runs beside it
+  all-cores  the engine on every core, competing with Ray's processes (a CPU-only machine)
+Start-up (process start to the first generation) and the generation phase are reported apart.
 Generated tokens are counted from the outputs (EOS allowed, greedy). Back-to-back runs of the same system differ by
 up to ~10% on a shared machine, so each round runs every system in turn, the order reversed every other round, and the
 rates pool all rounds (tokens over seconds). Writes benchmarks/results/batch.{json,md,png}.
@@ -28,6 +33,8 @@ from benchmarks import report as results_files
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("bare", "genfarm", "raydata")
+CORES = os.cpu_count() or 1
+LAYOUTS = {"gpu-node": max(1, CORES - 1), "all-cores": CORES}  # layout -> the engine's threads
 ENGINE = {"max_model_len": 2048, "max_num_seqs": 64, "kv_cache_gib": 2.0}
 SCENARIOS = {
     # Article prompts of varied length; realistic outputs that mostly stop at EOS or max_tokens.
@@ -80,8 +87,9 @@ SHORT_TEMPLATE = "Is this review positive or negative? Answer with one word.\nRe
 
 
 # --- the three systems, each run in its own process ---------------------------------------------------------
-def run_bare(model: str, scenario: str, data: list[dict], work: Path) -> dict:
+def run_bare(model: str, scenario: str, data: list[dict], work: Path, threads: int) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the same in-process engine genfarm uses on CPU
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # as genfarm sets it for its engine (engine.cpu_threads)
     t0 = time.monotonic()  # importing vLLM counts, as it does inside genfarm's engine actors
     from vllm import LLM, SamplingParams
 
@@ -95,7 +103,7 @@ def run_bare(model: str, scenario: str, data: list[dict], work: Path) -> dict:
             "tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "rows": len(outputs)}
 
 
-def run_genfarm(model: str, scenario: str, data: list[dict], work: Path) -> dict:
+def run_genfarm(model: str, scenario: str, data: list[dict], work: Path, threads: int) -> dict:
     import pandas as pd
 
     from genfarm.batch.job import run_job
@@ -106,7 +114,7 @@ def run_genfarm(model: str, scenario: str, data: list[dict], work: Path) -> dict
     source.write_text("".join(json.dumps(r) + "\n" for r in data))
     job = JobSpec.model_validate({
         "input": {"path": str(source), "id_column": "id"}, "task": task_config(scenario), "model": {"name": model},
-        "engine": ENGINE, "sampling": {"temperature": 0, "max_tokens": spec["max_tokens"]},
+        "engine": {**ENGINE, "cpu_threads": threads}, "sampling": {"temperature": 0, "max_tokens": spec["max_tokens"]},
         "workers": {"count": 1, "batch_size": spec["batch_size"]}, "output": {"path": str(work / "genfarm-out")},
     })
     t0 = time.monotonic()
@@ -118,7 +126,7 @@ def run_genfarm(model: str, scenario: str, data: list[dict], work: Path) -> dict
             "tokens": int(df["completion_tokens"].sum()), "rows": summary["completed_rows"]}
 
 
-def run_raydata(model: str, scenario: str, data: list[dict], work: Path) -> dict:
+def run_raydata(model: str, scenario: str, data: list[dict], work: Path, threads: int) -> dict:
     import pandas as pd
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -135,8 +143,8 @@ def run_raydata(model: str, scenario: str, data: list[dict], work: Path) -> dict
     # every core. Without it, Ray gives the engine actor OMP_NUM_THREADS=1 (its one logical CPU) and vLLM's
     # multiprocess CPU layout keeps one of the two cores for a busy-waiting scheduler: ray.data.llm then ran at
     # 0.78x this speed (328 vs 419 tok/s, 128 article prompts).
-    prepare_process_env(ResolvedModel(name=model, path=model, revision=""), EngineSpec.model_validate(ENGINE),
-                        gpu=False)
+    prepare_process_env(ResolvedModel(name=model, path=model, revision=""),
+                        EngineSpec.model_validate({**ENGINE, "cpu_threads": threads}), gpu=False)
     ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = vLLMEngineProcessorConfig(
@@ -167,10 +175,10 @@ def run_raydata(model: str, scenario: str, data: list[dict], work: Path) -> dict
 RUNNERS = {"bare": run_bare, "genfarm": run_genfarm, "raydata": run_raydata}
 
 
-def one(system: str, scenario: str, prompts: int, model: str, out: Path) -> None:
-    """Child process: run one system on one scenario and write its numbers as JSON."""
+def one(system: str, scenario: str, prompts: int, model: str, out: Path, layout: str) -> None:
+    """Child process: run one system on one scenario in one layout and write its numbers as JSON."""
     work = Path(tempfile.mkdtemp(prefix=f"gf-bench-{system}-"))
-    result = RUNNERS[system](model, scenario, rows(scenario, prompts), work)
+    result = RUNNERS[system](model, scenario, rows(scenario, prompts), work, LAYOUTS[layout])
     result["tokens_per_s"] = result["tokens"] / result["wall_s"]
     result["generate_tokens_per_s"] = result["tokens"] / result["generate_s"] if result["generate_s"] else None
     out.write_text(json.dumps(result))
@@ -178,6 +186,9 @@ def one(system: str, scenario: str, prompts: int, model: str, out: Path) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both",
+                        help=f"gpu-node: the engine on cores - 1 ({LAYOUTS['gpu-node']}) threads, Ray beside it; "
+                        f"all-cores: the engine on all {CORES}.")
     parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="Comma-separated subset of bare,genfarm,raydata.")
     parser.add_argument("--prompts", type=int, help="Override the scenario's prompt count.")
@@ -189,27 +200,31 @@ def main() -> None:
 
     model = models.resolve(models.DEFAULT_MODEL).path
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    layouts = list(LAYOUTS) if args.layout == "both" else [args.layout]
     if args.one:
-        one(args.one[0], scenarios[0], args.prompts or SCENARIOS[scenarios[0]]["prompts"], model, Path(args.one[1]))
+        one(args.one[0], scenarios[0], args.prompts or SCENARIOS[scenarios[0]]["prompts"], model, Path(args.one[1]),
+            layouts[0])
         return
     systems = args.systems.split(",")
     runs = []
-    for scenario in scenarios:
-        prompts = args.prompts or SCENARIOS[scenario]["prompts"]
-        for round_no in range(1, args.rounds + 1):
-            for system in systems if round_no % 2 else systems[::-1]:
-                print(f"{scenario}, round {round_no}: {system} on {prompts} prompts ...", flush=True)
-                runs.append({"scenario": scenario, "system": system, "prompts": prompts, "round": round_no,
-                             **run_one(system, scenario, prompts)})
-                if not runs[-1].get("failed"):
-                    print(f"  {runs[-1]['tokens']} tokens in {runs[-1]['wall_s']:.1f}s", flush=True)
+    for layout in layouts:
+        for scenario in scenarios:
+            prompts = args.prompts or SCENARIOS[scenario]["prompts"]
+            for round_no in range(1, args.rounds + 1):
+                for system in systems if round_no % 2 else systems[::-1]:
+                    print(f"{layout}, {scenario}, round {round_no}: {system} on {prompts} prompts ...", flush=True)
+                    runs.append({"layout": layout, "scenario": scenario, "system": system, "prompts": prompts,
+                                 "round": round_no, **run_one(system, scenario, prompts, layout)})
+                    if not runs[-1].get("failed"):
+                        print(f"  {runs[-1]['tokens']} tokens in {runs[-1]['wall_s']:.1f}s", flush=True)
     report(combine(runs), runs)
 
 
-def run_one(system: str, scenario: str, prompts: int) -> dict:
+def run_one(system: str, scenario: str, prompts: int, layout: str) -> dict:
     out = Path(tempfile.mktemp(suffix=".json"))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.batch", "--scenario", scenario, "--prompts",
-                           str(prompts), "--one", system, str(out)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.batch", "--layout", layout, "--scenario", scenario,
+                           "--prompts", str(prompts), "--one", system, str(out)], cwd=ROOT, capture_output=True,
+                          text=True)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
         return {"failed": True}
@@ -217,10 +232,12 @@ def run_one(system: str, scenario: str, prompts: int) -> dict:
 
 
 def combine(runs: list[dict]) -> list[dict]:
-    """One row per scenario and system over all rounds: tokens over seconds; a system that failed once is failed."""
+    """One row per layout, scenario and system over all rounds: tokens over seconds; a system that failed once is
+    failed."""
     out = []
-    for (scenario, system), group in results_files.by_key(runs, "scenario", "system").items():
-        row = {"scenario": scenario, "system": system, "prompts": group[0]["prompts"], "rounds": len(group)}
+    for (layout, scenario, system), group in results_files.by_key(runs, "layout", "scenario", "system").items():
+        row = {"layout": layout, "scenario": scenario, "system": system, "prompts": group[0]["prompts"],
+               "rounds": len(group)}
         if any(r.get("failed") for r in group):
             out.append({**row, "failed": True})
             continue
@@ -232,30 +249,40 @@ def combine(runs: list[dict]) -> list[dict]:
     return out
 
 
+def ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value and base else ""
+
+
 def report(results: list[dict], runs: list[dict]) -> None:
     import platform
 
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {CORES} CPUs, no GPU",
             "model": "SmolLM2-135M-Instruct (bf16)", "engine": ENGINE, "sampling": "greedy, EOS allowed",
-            "rounds": max(r["round"] for r in runs)}
+            "rounds": max(r["round"] for r in runs), "layouts": {k: f"{v} engine threads" for k, v in LAYOUTS.items()}}
     lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['model']}, {meta['sampling']}, "
-             f"max_num_seqs {ENGINE['max_num_seqs']}, {meta['rounds']} rounds pooled (wall s: mean per run).", "",
-             "| scenario | system | prompts | generated tokens | wall s | tok/s (whole run) | tok/s (generation) "
-             "| vs bare (generation) | vs bare (whole) | vs ray.data.llm (whole) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"max_num_seqs {ENGINE['max_num_seqs']}, {meta['rounds']} rounds pooled (wall s and start-up s: mean "
+             "per run). Layouts: gpu-node = the engine on cores - 1 threads and Ray's processes on the spare core "
+             "(as on a GPU node); all-cores = the engine on every core, beside Ray's processes.", "",
+             "| layout | scenario | system | prompts | generated tokens | wall s | start-up s | tok/s (whole run) "
+             "| tok/s (generation) | vs bare (generation) | vs bare (whole) | start-up vs bare | "
+             "vs ray.data.llm (whole) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        head = f"| {r['layout']} | {r['scenario']} | {r['system']} | {r['prompts']} |"
         if r.get("failed"):
-            lines.append(f"| {r['scenario']} | {r['system']} | {r['prompts']} | failed | | | | | | |")
+            lines.append(f"{head} failed | | | | | | | | |")
             continue
-        peers = {p["system"]: p for p in results if p["scenario"] == r["scenario"] and not p.get("failed")}
-        bare, raydata = peers.get("bare"), peers.get("raydata")
-        gen_ratio = (f"{r['generate_tokens_per_s'] / bare['generate_tokens_per_s']:.2f}x"
-                     if bare and r.get("generate_tokens_per_s") else "")
-        whole_ratio = f"{r['tokens_per_s'] / bare['tokens_per_s']:.2f}x" if bare else ""
-        rd_ratio = f"{r['tokens_per_s'] / raydata['tokens_per_s']:.2f}x" if raydata else ""
+        peers = {p["system"]: p for p in results
+                 if (p["layout"], p["scenario"]) == (r["layout"], r["scenario"]) and not p.get("failed")}
+        bare, raydata = peers.get("bare", {}), peers.get("raydata", {})
+        startup = f"{r['startup_s']:.1f}" if r.get("startup_s") is not None else "n/a"
+        added = (f"{r['startup_s'] - bare['startup_s']:+.1f} s" if r.get("startup_s") is not None
+                 and bare.get("startup_s") is not None and r is not bare else "")
         gen = f"{r['generate_tokens_per_s']:,.0f}" if r.get("generate_tokens_per_s") else "n/a"
-        lines.append(f"| {r['scenario']} | {r['system']} | {r['prompts']} | {r['tokens']:,} | {r['wall_s']:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {gen} | {gen_ratio} | {whole_ratio} | {rd_ratio} |")
+        lines.append(f"{head} {r['tokens']:,} | {r['wall_s']:.1f} | {startup} | {r['tokens_per_s']:,.0f} | {gen} | "
+                     f"{ratio(r.get('generate_tokens_per_s'), bare.get('generate_tokens_per_s'))} | "
+                     f"{ratio(r['tokens_per_s'], bare.get('tokens_per_s'))} | {added} | "
+                     f"{ratio(r['tokens_per_s'], raydata.get('tokens_per_s'))} |")
     results_files.write("batch", {"meta": meta, "results": results, "runs": runs}, lines)
     plot(results)
 
@@ -263,19 +290,17 @@ def report(results: list[dict], runs: list[dict]) -> None:
 def plot(results: list[dict]) -> None:
     plt = results_files.pyplot()
 
-    scenarios = list(dict.fromkeys(r["scenario"] for r in results))
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 3.6), squeeze=False)
-    for ax, scenario in zip(axes[0], scenarios):
-        ok = [r for r in results if r["scenario"] == scenario and not r.get("failed")]
-        names = [r["system"] for r in ok]
-        whole = [r["tokens_per_s"] for r in ok]
-        gen = [r.get("generate_tokens_per_s") or 0 for r in ok]
+    panels = list(dict.fromkeys((r["layout"], r["scenario"]) for r in results))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (layout, scenario) in zip(axes[0], panels):
+        ok = [r for r in results if (r["layout"], r["scenario"]) == (layout, scenario) and not r.get("failed")]
         x = range(len(ok))
-        ax.bar([i - 0.2 for i in x], whole, width=0.4, label="whole run")
-        ax.bar([i + 0.2 for i in x], gen, width=0.4, label="generation phase")
-        ax.set_xticks(list(x), names)
+        ax.bar([i - 0.2 for i in x], [r["tokens_per_s"] for r in ok], width=0.4, label="whole run")
+        ax.bar([i + 0.2 for i in x], [r.get("generate_tokens_per_s") or 0 for r in ok], width=0.4,
+               label="generation phase")
+        ax.set_xticks(list(x), [r["system"] for r in ok])
         ax.set_ylabel("generated tokens/s")
-        ax.set_title(f"{scenario} ({ok[0]['prompts'] if ok else 0} prompts)")
+        ax.set_title(f"{layout}: {scenario} ({ok[0]['prompts'] if ok else 0} prompts)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
