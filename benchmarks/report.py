@@ -8,10 +8,10 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write(name: str, data: dict, table: list[str]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
-    (RESULTS / f"{name}.md").write_text("\n".join(table) + "\n")
+def write(name: str, data: dict, table: list[str], folder: Path = RESULTS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (folder / f"{name}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
 
