@@ -22,7 +22,7 @@ from genfarm import models
 from genfarm.batch.datasource import PromptSource
 from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
 from genfarm.batch.progress import JobProgress, LiveTokens
-from genfarm.batch.source import count_work_rows, infer_schema, list_inputs
+from genfarm.batch.source import META_COLUMNS, count_work_rows, input_schema, list_inputs
 from genfarm.batch.worker import OWN_COLUMNS, GenerateWorker, record_failures
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
@@ -115,13 +115,18 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
         raise UserError("task", f"the task's output columns {', '.join(clash)} are genfarm's own",
                         "rename them (e.g. the schema's properties)")
     fs, files = list_inputs(job.input)
-    schema = infer_schema(fs, files[0])
+    schema = input_schema(fs, files)
+    reserved = [name for name in schema.names if name in META_COLUMNS]
+    if reserved:
+        raise UserError("input.path", f"the input has columns named like genfarm's own ({', '.join(reserved)})",
+                        "rename them in the input")
     for column in task.required_columns() + ([job.input.id_column] if job.input.id_column else []):
         if column not in schema.names:
             raise UserError(f"task.columns ({column})", f"the input has no column {column!r} (columns: "
                             f"{', '.join(schema.names)})", "map it with task.columns: {field: column} or fix input")
     model = models.resolve(job.model.name, job.model.revision)
     expander = task.expander(job, model.path)  # before the output folder is touched: its errors are the user's
+    total = count_work_rows(fs, files, job.input, expander)  # reads every file: one that cannot be read is refused
     store = Ledger(job.output.path)
     parts = fingerprint_parts(job, model)
     manifest = check_resume(store, parts, restart)
@@ -138,7 +143,6 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
             raise storage_error("output.path", job.output.path, err, "write to") from None
         raise UserError("output.path", f"cannot write to {store.uri} ({err.strerror or err})",
                         "choose a folder you can write to, e.g. --set output.path=out/my-job") from None
-    total = count_work_rows(fs, files, job.input, expander)
     return Plan(job, fs, files, schema, model, store, job_id, run_id, total, task, expander)
 
 

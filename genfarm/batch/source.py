@@ -7,6 +7,7 @@ with `_gf_error` set, to be written as error rows by the worker instead of stopp
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import json
 import os
@@ -35,7 +36,8 @@ META_COLUMNS = ["_gf_id", "_gf_source", "_gf_row", "_gf_error", "_gf_raw", "_gf_
 META_SCHEMA = pa.schema([("_gf_id", pa.string()), ("_gf_source", pa.string()), ("_gf_row", pa.int64()),
                          ("_gf_error", pa.string()), ("_gf_raw", pa.string()),
                          ("_gf_task", pa.string())])  # the task's own data of a work row (JSON), set by its expander
-SCHEMA_SAMPLE_ROWS = 1000
+SCHEMA_SAMPLE_ROWS = 1000  # per file
+CSV_BLOCK_BYTES = 64 << 20  # a CSV value (and so its row) may be as long as this
 
 
 @dataclass(frozen=True)
@@ -87,18 +89,33 @@ def _list_inputs(spec: InputSpec) -> tuple[pafs.FileSystem, list[InputFile]]:
                 raise UserError("input.format", f"cannot tell the format of {path}",
                                 "name it .parquet, .jsonl or .csv, or set input.format")
             continue  # a folder may hold other files (READMEs, checksums): read only the data files
-        size = fs.get_file_info(path).size or 0
-        files.append(InputFile(path, os.path.relpath(path, base), size, fmt))
+        size = fs.get_file_info(path).size
+        if size == 0 and len(paths) > 1:
+            continue  # an empty file (0 bytes, not even a Parquet footer) beside others holds no rows
+        files.append(InputFile(path, os.path.relpath(path, base), size or 0, fmt))
     if not files:
-        raise UserError("input.path", f"no Parquet, JSONL or CSV files match {spec.path}",
+        raise UserError("input.path", f"no Parquet, JSONL or CSV files with data match {spec.path}",
                         "check the path or glob, e.g. examples/topics.jsonl")
     return fs, files
+
+
+def _parquet(fs: pafs.FileSystem, file: InputFile) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(file.path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise unreadable(file, err, "write it again, or move it out of the input") from None
+
+
+def unreadable(file: InputFile, err: Exception, fix: str) -> UserError:
+    """The one-line error of an input file that cannot be read as a whole."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError("input.path", f"{file.name} cannot be read as {file.format} ({reason})", fix)
 
 
 def read_rows(fs: pafs.FileSystem, file: InputFile) -> Iterator[tuple[dict | None, str | None, str | None]]:
     """(row, error, raw) for every row of a file, in order; a row that cannot be parsed comes as an error."""
     if file.format == "parquet":
-        for batch in pq.ParquetFile(file.path, filesystem=fs).iter_batches(batch_size=1024):
+        for batch in _parquet(fs, file).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 yield row, None, None
     elif file.format == "text":
@@ -115,13 +132,19 @@ def read_rows(fs: pafs.FileSystem, file: InputFile) -> Iterator[tuple[dict | Non
 
 def _read_jsonl(fs: pafs.FileSystem, file: InputFile):
     with fs.open_input_stream(file.path) as stream:
-        for number, line in enumerate(_lines(stream), start=1):
+        for number, data in enumerate(_byte_lines(stream), start=1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield None, (f"bad_json: line {number}: not UTF-8 (byte 0x{data[err.start]:02x} at offset "
+                             f"{err.start})"), data.decode("utf-8", errors="replace")
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield None, f"bad_json: line {number}: {err.msg}", line
+            except (ValueError, RecursionError) as err:  # ValueError: bad JSON, or an integer of 4300+ digits
+                yield None, f"bad_json: line {number}: {getattr(err, 'msg', None) or err}", line
                 continue
             if not isinstance(row, dict):
                 yield None, f"bad_json: line {number}: expected a JSON object, got {type(row).__name__}", line
@@ -143,91 +166,183 @@ def _is_openai_batch(fs: pafs.FileSystem, path: str) -> bool:
         first = next((line for line in _lines(stream) if line.strip()), "")
     try:
         row = json.loads(first)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(row, dict) and set(OPENAI_BATCH_SCHEMA.names) <= set(row)
 
 
 def _lines(stream) -> Iterator[str]:
+    for line in _byte_lines(stream):
+        yield line.decode("utf-8", errors="replace")
+
+
+def _byte_lines(stream) -> Iterator[bytes]:
+    """A stream's lines, without the UTF-8 byte order mark some editors put at its start."""
+    lines = _split_lines(stream)
+    first = next(lines, None)
+    if first is not None:
+        yield first.removeprefix(codecs.BOM_UTF8)
+        yield from lines
+
+
+def _split_lines(stream) -> Iterator[bytes]:
     pending = b""
     while chunk := stream.read(1 << 20):
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line.decode("utf-8", errors="replace")
+        yield from lines
     if pending:
-        yield pending.decode("utf-8", errors="replace")
+        yield pending
 
 
 def _read_csv(fs: pafs.FileSystem, file: InputFile):
-    bad: list[str] = []
-
-    def on_invalid(row) -> str:
-        bad.append(f"bad_row: line {row.number}: expected {row.expected_columns} fields, got {row.actual_columns}")
-        return "skip"
-
-    parse = pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True)
-    with fs.open_input_stream(file.path) as stream:
-        header = pacsv.open_csv(stream, parse_options=parse).schema.names  # CSV is text: every column a string
-    bad.clear()
-    with fs.open_input_stream(file.path) as stream:
-        reader = pacsv.open_csv(
-            stream,
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header}),
-            parse_options=parse,
-        )
-        for batch in reader:
-            while bad:
-                yield None, bad.pop(0), None
+    for batch, error, raw in _csv_batches(fs, file):
+        if batch is None:
+            yield None, error, raw
+        else:
             for row in batch.to_pylist():
                 yield row, None, None
-    for message in bad:
-        yield None, message, None
+
+
+def _csv_batches(fs: pafs.FileSystem, file: InputFile):
+    """(batch, None, None) for the rows of a CSV file, (None, error, raw text) for a line with the wrong number of
+    fields. A file that is not UTF-8 CSV, or whose last quote is never closed, is refused as a whole."""
+    bad: list[tuple[str, str]] = []
+
+    def on_invalid(row) -> str:
+        if row.text.strip():  # a line of spaces is blank, as in JSONL
+            line = f"line {row.number}: " if row.number is not None else ""  # unknown where values span lines
+            bad.append((f"bad_row: {line}expected {row.expected_columns} fields, got {row.actual_columns}", row.text))
+        return "skip"
+
+    fix = ("save it as UTF-8 CSV with a header line; quote a value that holds a comma, quote or line break, and "
+           "double a quote inside it")
+    read = pacsv.ReadOptions(block_size=max(1 << 20, min(file.size + 1, CSV_BLOCK_BYTES)))
+    parse = pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True)
+    last = None
+    try:
+        with fs.open_input_stream(file.path) as stream:
+            header = pacsv.open_csv(stream, read_options=read, parse_options=parse).schema.names  # all text
+        bad.clear()
+        with fs.open_input_stream(file.path) as stream:
+            reader = pacsv.open_csv(
+                stream, read_options=read, parse_options=parse,
+                convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in header}),
+            )
+            for batch in reader:
+                while bad:
+                    yield None, *bad.pop(0)
+                if batch.num_rows:
+                    last = batch.slice(batch.num_rows - 1).to_pylist()[0]
+                    yield batch, None, None
+    except pa.ArrowInvalid as err:
+        if "Empty CSV file" in str(err):
+            return
+        raise unreadable(file, err, fix) from None
+    for message, text in bad:
+        yield None, message, text
+    if last is not None and _unclosed_quote(fs, file, last[header[-1]]):
+        raise UserError("input.path", f"{file.name}: the quote opened in its last row is never closed, so the rest "
+                        "of the file reads as one value", fix)
+
+
+def _unclosed_quote(fs: pafs.FileSystem, file: InputFile, value: str | None) -> bool:
+    """Whether the file's last value ran to the end of the file: a quoted value closed with its quote ends before
+    the file does, one whose quote is never closed takes in every line after it (the file's last bytes)."""
+    if not value or "\n" not in value:
+        return False
+    tail = value.encode()
+    with fs.open_input_file(file.path) as stream:
+        size = stream.size()
+        stream.seek(max(0, size - len(tail)))
+        return stream.read() == tail
 
 
 def infer_schema(fs: pafs.FileSystem, file: InputFile) -> pa.Schema:
-    """The data columns every block will carry, taken from the first file."""
+    """The data columns of one file."""
+    return input_schema(fs, [file])
+
+
+def input_schema(fs: pafs.FileSystem, files: list[InputFile]) -> pa.Schema:
+    """The data columns every block carries: every file's columns, in the order they first appear. A column whose
+    type differs between files takes a type that holds them all (int and float: float), else the type of most of
+    its values (the others become bad_type rows)."""
+    kinds: dict[str, Counter] = {}
+    for file in files:
+        for name, kind, weight in _file_columns(fs, file):
+            kinds.setdefault(name, Counter())[kind] += weight
+    if not kinds:
+        problem = f"{files[0].name} has no readable rows" if len(files) == 1 else \
+            f"none of the {len(files)} input files has a readable row"
+        raise UserError("input.path", problem, "check that the input holds data")
+    return pa.schema([pa.field(name, merged_type(counts)) for name, counts in kinds.items()])
+
+
+def _file_columns(fs: pafs.FileSystem, file: InputFile) -> list[tuple[str, pa.DataType, int]]:
+    """(column, Arrow type, how many values have it) of one file: Parquet from its footer, others from a sample."""
     if file.format == "parquet":
-        return pq.read_schema(file.path, filesystem=fs)
+        parquet = _parquet(fs, file)
+        return [(field.name, field.type, parquet.metadata.num_rows) for field in parquet.schema_arrow]
     if file.format == "text":
-        return pa.schema([("text", pa.string())])
+        return [("text", pa.string(), 1)]
     if file.format == OPENAI_BATCH:
-        return OPENAI_BATCH_SCHEMA
+        return [(field.name, field.type, 1) for field in OPENAI_BATCH_SCHEMA]
     sample = []
     for row, _, _ in read_rows(fs, file):
         if row is not None:
             sample.append(row)
         if len(sample) >= SCHEMA_SAMPLE_ROWS:
             break
-    if not sample:
-        raise UserError("input.path", f"{file.name} has no readable rows", "check that the file holds data")
-    names = list(dict.fromkeys(key for row in sample for key in row))
-    return pa.schema([pa.field(name, column_type([row.get(name) for row in sample])) for name in names])
+    columns = []
+    for name in dict.fromkeys(key for row in sample for key in row):
+        values = [row.get(name) for row in sample]
+        columns.append((name, column_type(values), sum(v is not None for v in values)))
+    return columns
+
+
+def merged_type(counts: Counter) -> pa.DataType:
+    """One type for a column from the types files give it, weighed by their values."""
+    kinds = [kind for kind, _ in counts.most_common() if not pa.types.is_null(kind)] or list(counts)
+    if len(kinds) == 1:
+        return kinds[0]
+    try:
+        return pa.unify_schemas([pa.schema([("c", kind)]) for kind in kinds], promote_options="permissive")[0].type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return kinds[0]
 
 
 def column_type(values: list) -> pa.DataType:
     """Arrow type of a sampled column: mixed values take the most common kind (the rest become bad_type rows);
-    a column null in every sampled row could hold anything later, so it is carried as text."""
+    a column null in every sampled row could hold anything later, so it is carried as text, and so is one whose
+    values fit no Arrow type (integers past 64 bits)."""
     try:
         kind = pa.array(values).type
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        present = [v for v in values if v is not None]
-        common = Counter(type(v) for v in present).most_common(1)[0][0]
-        kind = pa.array([next(v for v in present if type(v) is common)]).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        kinds = Counter(_value_type(v) for v in values if v is not None)
+        kind = next((k for k, _ in kinds.most_common() if k is not None), pa.null())
     return pa.string() if pa.types.is_null(kind) else kind
 
 
+def _value_type(value) -> pa.DataType | None:
+    try:
+        return pa.array([value]).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return None
+
+
 def count_rows(fs: pafs.FileSystem, files: list[InputFile], limit: int | None) -> int:
-    """Total input rows, for progress: Parquet from footers, text formats by a streaming line count."""
+    """Total input rows, for progress and to know when a job is complete: Parquet from footers, JSONL by a streaming
+    line count, CSV by parsing it (a quoted value may span lines)."""
     total = 0
     for file in files:
         if file.format == "parquet":
-            n = pq.ParquetFile(file.path, filesystem=fs).metadata.num_rows
+            n = _parquet(fs, file).metadata.num_rows
         elif file.format == "text":
             n = 1
+        elif file.format == "csv":
+            n = sum(1 if batch is None else batch.num_rows for batch, _, _ in _csv_batches(fs, file))
         else:
             n = sum(1 for line in _lines(fs.open_input_stream(file.path)) if line.strip())
-            n -= 1 if file.format == "csv" else 0  # the header
         total += min(n, limit) if limit else n
     return total
 
@@ -278,8 +393,21 @@ def to_block(rows: list[dict], schema: pa.Schema) -> pa.Table:
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as err:
                 meta = {k: row[k] for k in META_COLUMNS}
                 data = {k: v for k, v in row.items() if k not in META_COLUMNS}
-                fixed.append({**meta, "_gf_error": f"bad_type: {err}", "_gf_raw": _dump(data)})
+                fixed.append({**meta, "_gf_error": f"bad_type: {misfit(data, schema) or err}", "_gf_raw": _dump(data)})
         return pa.Table.from_pylist(fixed, schema=full)
+
+
+def misfit(data: dict, schema: pa.Schema) -> str | None:
+    """Which value of a row does not fit its column's type (the type most of the input has), if one is to blame."""
+    for field in schema:
+        value = data.get(field.name)
+        try:
+            pa.array([value], type=field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            shown = _dump(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            return f"column {field.name!r} holds {field.type} in this input, got {type(value).__name__} {shown}"
+    return None
 
 
 def _dump(row: dict) -> str:
