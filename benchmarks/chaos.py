@@ -67,7 +67,11 @@ class Failed(Exception):
 
 
 class Missed(Exception):
-    """The job ended before the fault could strike."""
+    """The job ended (`ended_s` after launch) before the fault could strike."""
+
+    def __init__(self, run: Run, what: str):
+        self.ended_s = round(time.monotonic() - run.started, 1)
+        super().__init__(f"the job ended {self.ended_s} s after launch, before {what}")
 
 
 @dataclass
@@ -185,7 +189,7 @@ class Trial:
 
     def wait_for_moment(self, run: Run) -> None:
         if until(lambda: not run.alive(), run.started + self.moment - time.monotonic()):
-            raise Missed(f"the job ended {time.monotonic() - run.started:.1f} s after launch, before the fault")
+            raise Missed(run, "the fault")
 
     def struck(self, run: Run) -> float:
         now = time.monotonic()
@@ -207,9 +211,9 @@ class Trial:
 
 def strike_engine(trial: Trial, run: Run) -> tuple[float, Run]:
     trial.wait_for_moment(run)
-    targets = until(lambda: engines(run.processes()) or not run.alive(), trial.timeout)
+    targets = until(lambda: engines(run.processes()) or not run.alive(), trial.timeout, step=0.5)
     if not isinstance(targets, list) or not targets:
-        raise Missed("the job ended before an engine actor was found") if not run.alive() else Failed(
+        raise Missed(run, "an engine actor was found") if not run.alive() else Failed(
             "no engine actor process appeared")
     trial.info["waited_for_engine_s"] = round(max(0.0, time.monotonic() - run.started - trial.moment), 1)
     targets[0].kill()
@@ -314,9 +318,10 @@ def strike_node(trial: Trial, run: Run) -> tuple[float, Run]:
     trial.wait_for_moment(run)
     cluster = trial.cluster
     # The worker node to kill: one that runs an engine now (drawn among them), waiting for one if none does yet.
-    busy = until(lambda: [n for n in cluster.workers if engines(n.processes())] or not run.alive(), trial.timeout)
+    busy = until(lambda: [n for n in cluster.workers if engines(n.processes())] or not run.alive(), trial.timeout,
+                 step=0.5)
     if not isinstance(busy, list) or not busy:
-        raise Missed("the job ended before an engine ran on a worker node") if not run.alive() else Failed(
+        raise Missed(run, "an engine ran on a worker node") if not run.alive() else Failed(
             "no engine started on a worker node")
     node = trial.rng.choice(busy)
     victims = node.processes()
@@ -435,9 +440,10 @@ def check(job: Job) -> dict:
     if status.returncode != 0 or expected not in status.stdout or "\ncomplete" not in status.stdout:
         problems.append(f"genfarm status: exit {status.returncode}, said {status.stdout.strip()!r}, expected "
                         f"{expected!r} and complete")
-    inspect = genfarm("inspect", str(job.out), "--rows", "3")
-    if inspect.returncode != 0:
-        problems.append(f"genfarm inspect: exit {inspect.returncode}: {inspect.stderr.strip()[-300:]}")
+    if results:
+        inspect = genfarm("inspect", str(job.out), "--rows", "3")
+        if inspect.returncode != 0 or f"first {min(3, len(results))} rows" not in inspect.stdout:
+            problems.append(f"genfarm inspect: exit {inspect.returncode}: {inspect.stderr.strip()[-300:]}")
     if problems:
         raise Failed("; ".join(problems))
     return {"results": len(results), "errors": len(errors), "parts": len(visible)}
@@ -449,10 +455,22 @@ def genfarm(*args: str) -> subprocess.CompletedProcess:
 
 
 # --- trials --------------------------------------------------------------------------------------------------------
-def run_trial(fault: str, index: int, seed: int, settings: dict) -> dict:
+def run_trial(fault: str, index: int, seed: int, settings: dict, tries: int = 3) -> dict:
+    """One trial; a job that ended before its moment came is tried again (at most `tries` times in all) with a moment
+    drawn before the time that job ended."""
     rng = random.Random(f"{seed}/{fault}/{index}")  # a trial's draws do not depend on which others run
     lo, hi = settings["window"]
-    moment = rng.uniform(lo, hi)
+    missed = []
+    while True:
+        record = attempt(fault, index, rng, rng.uniform(lo, hi), settings)
+        if record["status"] != "missed" or len(missed) + 1 >= tries:
+            return {**record, "missed_before": missed} if missed else record
+        missed.append(record["moment_s"])
+        hi = 0.8 * record["ended_s"]
+        lo = min(lo, hi / 2)
+
+
+def attempt(fault: str, index: int, rng: random.Random, moment: float, settings: dict) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"{fault}-{index}-", dir=settings["work"]))
     record = {"fault": fault, "trial": index, "moment_s": round(moment, 2)}
     print(f"{fault} #{index}: fault {moment:.1f} s after launch, in {folder}", flush=True)
@@ -467,7 +485,7 @@ def run_trial(fault: str, index: int, seed: int, settings: dict) -> dict:
             fired, done = STRIKE[fault](trial, run)
             record.update(trial.info, recovery_s=round(done.ended - fired, 1), checks=check(job), status="passed")
         except Missed as missed:
-            record.update(status="missed", reason=str(missed))
+            record.update(status="missed", reason=str(missed), ended_s=missed.ended_s)
         except Failed as failed:
             record.update(status="failed", reason=str(failed))
         except Exception as err:  # noqa: BLE001 - the harness itself broke: keep the evidence too
@@ -475,6 +493,7 @@ def run_trial(fault: str, index: int, seed: int, settings: dict) -> dict:
         finally:
             if job is not None:
                 record["runs"] = [run.record() for run in job.runs]
+                until(lambda: not job.processes(), 10, step=0.5)  # a finished run's Ray takes a moment to go
                 left = job.processes()
                 if left:
                     record["left_running"] = len(left)
@@ -557,7 +576,9 @@ def write_results(meta: dict, table: list[dict], trials: list[dict], out: Path) 
              "Recovery: from the fault to the end of the run that finished the job (the same run, or the same "
              "command run again). Passed: every input row exactly once in results + errors, only whole parts visible, "
              "_summary.json balanced, `genfarm status` complete with the same counts, `genfarm inspect` works. "
-             "Mid-generation: faults that struck after the first part was committed (the others hit start-up).", "",
+             "Mid-generation: faults that struck after the first part was committed (the others hit start-up). "
+             "driver-term and driver-int recoveries include waiting (at most 15 s) for the stopped run's processes "
+             "to go before the command is run again.", "",
              "| fault | what | trials | passed | failed | missed | mid-generation | median recovery s "
              "| max recovery s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -569,8 +590,8 @@ def write_results(meta: dict, table: list[dict], trials: list[dict], out: Path) 
     if failed:
         lines += ["", "Failed trials (folders kept):"]
         lines += [f"- {t['fault']} #{t['trial']}: {t['reason']} ({t.get('folder')})" for t in failed]
-    if meta.get("note"):
-        lines += ["", meta["note"]]
+    if "node" not in meta["faults"]:
+        lines += ["", "The node fault (optional) was not run here."]
     results_files.write("chaos", {"meta": meta, "results": table, "trials": trials}, lines, folder=out)
 
 
