@@ -264,8 +264,9 @@ def strike_driver_term(trial: Trial, run: Run) -> tuple[float, Run]:
 def strike_driver_int(trial: Trial, run: Run) -> tuple[float, Run]:
     fired = stop_driver(trial, run, lambda: os.killpg(run.process.pid, signal.SIGINT))
     code, started = run.exit, (trial.job.out / "_genfarm" / "job.json").exists()
-    # Exit 130 once the job runs; an interrupt during Python's own start-up (imports) ends it as Python does.
-    if code != 130 and not (code == -signal.SIGINT and not started):
+    # Exit 130 once the job runs; an interrupt during Python's own start-up (imports) ends it as Python does, and
+    # one that comes as the job completes may leave it complete (exit 0).
+    if code not in (0, 130) and not (code == -signal.SIGINT and not started):
         raise Failed(f"Ctrl-C ended the driver with exit {code}, not 130 (see run1.err)")
     if code == 130 and "run the same command again" not in (trial.job.folder / "run1.err").read_text():
         raise Failed("Ctrl-C: exit 130 without saying to run the same command again (see run1.err)")
@@ -562,7 +563,7 @@ WHAT = {"engine": "SIGKILL engine actor; same run finishes",
         "node": "SIGKILL every process of a worker node running an engine (local 3-node Ray); job or re-run finishes"}
 
 
-def write_results(meta: dict, table: list[dict], trials: list[dict], out: Path) -> None:
+def write_results(meta: dict, table: list[dict], trials: list[dict], out: Path, quiet: bool = False) -> None:
     def num(value) -> str:
         return "" if value is None else f"{value:.1f}"
 
@@ -570,8 +571,8 @@ def write_results(meta: dict, table: list[dict], trials: list[dict], out: Path) 
     clean = meta.get("clean_run")
     lines = [f"Measured {meta['date']} on {meta['machine']}; model {meta['model']}; {meta['rows']} rows per job "
              f"(article task, 48 tokens a row, batches of 8, one engine; node: two engines on a head and two worker "
-             f"nodes); seed {meta['seed']}; {meta['trials']} trial(s) per fault. Fault moments uniform over "
-             f"{window[0]:.1f}-{window[1]:.1f} s after launch"
+             f"nodes); seed {meta['seed']}; {meta['trials']} trial(s) per fault planned, {meta['trials_run']} "
+             f"trials run. Fault moments uniform over {window[0]:.1f}-{window[1]:.1f} s after launch"
              + (f" (a clean run took {clean['seconds']} s)" if clean else "") + ".", "",
              "Recovery: from the fault to the end of the run that finished the job (the same run, or the same "
              "command run again). Passed: every input row exactly once in results + errors, only whole parts visible, "
@@ -592,7 +593,7 @@ def write_results(meta: dict, table: list[dict], trials: list[dict], out: Path) 
         lines += [f"- {t['fault']} #{t['trial']}: {t['reason']} ({t.get('folder')})" for t in failed]
     if "node" not in meta["faults"]:
         lines += ["", "The node fault (optional) was not run here."]
-    results_files.write("chaos", {"meta": meta, "results": table, "trials": trials}, lines, folder=out)
+    results_files.write("chaos", {"meta": meta, "results": table, "trials": trials}, lines, folder=out, quiet=quiet)
 
 
 def parse_window(text: str) -> tuple[float, float]:
@@ -642,9 +643,15 @@ def main(argv: list[str] | None = None) -> int:
         meta["clean_run"] = clean
         settings["window"] = (0.1 * clean["seconds"], 0.85 * clean["seconds"])
     meta["window_s"] = [round(x, 1) for x in settings["window"]]
-    trials = [run_trial(fault, index, seed, settings) for fault in faults for index in range(1, args.trials + 1)]
-    table = summarize(trials)
-    write_results(meta, table, trials, args.out)
+    # Round by round, every fault in each, with the results written after every trial: a run stopped early (a
+    # deadline, Ctrl-C) still leaves results that cover every fault.
+    trials = []
+    planned = len(faults) * args.trials
+    for index in range(1, args.trials + 1):
+        for fault in faults:
+            trials.append(run_trial(fault, index, seed, settings))
+            meta["trials_run"] = f"{len(trials)} of {planned}"
+            write_results(meta, summarize(trials), trials, args.out, quiet=len(trials) < planned)
     failed = [t for t in trials if t["status"] == "failed"]
     print(f"seed {seed}: {len(failed)} failed trial(s)" + (f", evidence in {', '.join(t['folder'] for t in failed)}"
                                                              if failed else ""), flush=True)

@@ -8,11 +8,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write(name: str, data: dict, table: list[str], folder: Path = RESULTS) -> None:
+def write(name: str, data: dict, table: list[str], folder: Path = RESULTS, quiet: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
     (folder / f"{name}.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    if not quiet:
+        print("\n".join(table))
 
 
 def pyplot():
