@@ -105,8 +105,8 @@ class Run:
 
     def record(self) -> dict:
         end = self.ended or time.monotonic()
-        return {"run": self.label, "exit": self.exit if self.exit is not None else "timed out",
-                "seconds": round(end - self.started, 1)}
+        code = self.exit if self.exit is not None else "timed out: killed" if self.ended else "killed by the harness"
+        return {"run": self.label, "exit": code, "seconds": round(end - self.started, 1)}
 
 
 @dataclass
@@ -162,6 +162,13 @@ def until(condition, timeout: float, step: float = 0.25):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(step)
+
+
+def name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return "(gone)"
 
 
 def engines(processes: list[psutil.Process]) -> list[psutil.Process]:
@@ -326,7 +333,7 @@ def strike_node(trial: Trial, run: Run) -> tuple[float, Run]:
             "no engine started on a worker node")
     node = trial.rng.choice(busy)
     victims = node.processes()
-    names = sorted({p.name() for p in victims if reaper.alive(p)})
+    names = sorted({name(p) for p in victims})
     left = reaper.kill_all(victims)
     fired = trial.struck(run)
     trial.info.update(killed_node=node.name, killed_processes=len(victims), killed_names=names,
@@ -494,6 +501,10 @@ def attempt(fault: str, index: int, rng: random.Random, moment: float, settings:
         finally:
             if job is not None:
                 record["runs"] = [run.record() for run in job.runs]
+                for run in job.runs:
+                    if run.alive():  # the harness broke off: nothing of this trial may run on
+                        kill_run(run)
+                        run.process.wait()
                 until(lambda: not job.processes(), 10, step=0.5)  # a finished run's Ray takes a moment to go
                 left = job.processes()
                 if left:
