@@ -148,8 +148,19 @@ def _read_jsonl(fs: pafs.FileSystem, file: InputFile):
                 continue
             if not isinstance(row, dict):
                 yield None, f"bad_json: line {number}: expected a JSON object, got {type(row).__name__}", line
+            elif "\\u" in line and not _encodable(row):
+                yield None, f"bad_json: line {number}: a \\u escape is half a surrogate pair, not a character", line
             else:
                 yield row, None, None
+
+
+def _encodable(row: dict) -> bool:
+    """Whether a parsed row is text UTF-8 can hold: JSON's \\ud800 alone parses, but is no character."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _openai_request(line: dict) -> dict:
@@ -367,10 +378,12 @@ def source_rows(fs, file: InputFile, spec: InputSpec, expander: Expander | None 
             if row.get(id_column) is None:
                 error, raw, row = f"missing_field: id column {id_column!r} is missing or null", _dump(row), None
             else:
-                row_id = str(row[id_column])
-                if row_id in seen:
-                    error, raw, row = f"duplicate_id: id {row_id!r} appears twice in {file.name}", _dump(row), None
-                seen.add(row_id)
+                value = str(row[id_column])
+                if value in seen:  # an error row of its own id: the ledger knows the first row's as done
+                    error, raw, row = f"duplicate_id: id {value!r} appears twice in {file.name}", _dump(row), None
+                else:
+                    row_id = value
+                seen.add(value)
         meta = {"_gf_id": row_id, "_gf_source": file.name, "_gf_row": number, "_gf_error": error, "_gf_raw": raw,
                 "_gf_task": None}
         if expander is None:

@@ -77,7 +77,7 @@ def test_a_batch_file_is_known_by_its_shape_and_its_custom_ids_are_the_row_ids(t
     assert file.format == "openai-batch"
     assert infer_schema(fs, file).names == ["custom_id", "method", "url", "body"]
     rows = list(source_rows(fs, file, InputSpec(path=path)))
-    assert [r["_gf_id"] for r in rows] == ["a", "requests.jsonl:1", "b", "a", "requests.jsonl:4", "7"]
+    assert [r["_gf_id"] for r in rows] == ["a", "requests.jsonl:1", "b", "requests.jsonl:3", "requests.jsonl:4", "7"]
     assert [(r["_gf_error"] or "").split(":")[0] for r in rows] == ["", "bad_json", "", "duplicate_id",
                                                                     "missing_field", ""]
     assert json.loads(rows[2]["body"])["max_tokens"] == 3 and rows[2]["url"] == CHAT  # the body as JSON text

@@ -106,3 +106,14 @@ def test_unreadable_files_are_one_line_errors(tmp_path, name, data, expected):
     with pytest.raises(UserError) as caught:
         read(tmp_path)
     assert expected in str(caught.value) and "Fix: " in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_repeated_id_is_an_error_row_of_its_own_id(tmp_path):
+    """The ledger knows rows by id: a duplicate that shared the first row's id would count as done with it, and be
+    lost when its error row is retried."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"id": "a", "topic": "x"}, {"id": "a", "topic": "y"},
+                                                             {"id": 1, "topic": "z"}, {"id": "1", "topic": "w"}]))
+    rows, _ = read(path)
+    assert [r["_gf_id"] for r in rows] == ["a", "d.jsonl:1", "1", "d.jsonl:3"]
+    assert rows[1]["_gf_error"] == "duplicate_id: id 'a' appears twice in d.jsonl" and '"y"' in rows[1]["_gf_raw"]
