@@ -105,6 +105,7 @@ class Plan:
     task: Task
     expander: Expander | None = None  # turns input rows into several work rows (the task's), else None
     live_tokens: object = None  # the LiveTokens actor engine actors report to, once Ray runs
+    engine: object = None  # the engine actors use instead of vLLM: only benchmarks.pipeline's echo engine
 
 
 def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
@@ -146,9 +147,12 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
     return Plan(job, fs, files, schema, model, store, job_id, run_id, total, task, expander)
 
 
-def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job_file: str = "") -> dict:
-    """Run (or resume) a job to the end and return its summary."""
+def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job_file: str = "",
+            engine: object = None) -> dict:
+    """Run (or resume) a job to the end and return its summary. `engine` stands in for vLLM in every engine actor
+    (benchmarks.pipeline measures genfarm's own pipeline with an echo engine, named as such)."""
     plan = plan_job(job, restart, job_file)
+    plan.engine = engine
     start_ray(job)
     _quiet_ray_data()
     started = time.monotonic()
@@ -217,7 +221,8 @@ def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: i
         dataset = source(plan).map_batches(
             GenerateWorker,
             fn_constructor_kwargs={"job": job, "model": plan.model, "gpu": gpu, "input_schema": plan.schema,
-                                   "job_id": plan.job_id, "run_id": plan.run_id, "live_tokens": plan.live_tokens},
+                                   "job_id": plan.job_id, "run_id": plan.run_id, "live_tokens": plan.live_tokens,
+                                   "engine": plan.engine},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(

@@ -83,7 +83,8 @@ def now() -> datetime:
 class GenerateWorker:
     def __init__(self, job: JobSpec, model: ResolvedModel, gpu: bool, input_schema: pa.Schema, job_id: str,
                  run_id: str, engine=None, live_tokens=None):
-        """`engine` replaces the vLLM engine only in genfarm's plumbing tests (an echo engine, named as such);
+        """`engine` replaces the vLLM engine only in genfarm's plumbing tests and pipeline benchmark (an echo engine,
+        named as such);
         `live_tokens` is the job's LiveTokens actor, told of the engine's tokens as they are generated."""
         import ray
 

@@ -15,6 +15,8 @@ class EchoEngine:
         self.max_prompt_words, self.fail_on, self.refused_role = max_prompt_words, fail_on, refused_role
         self.requests: list[tuple[list[int], object, int | None, dict | None]] = []
         self.vocabulary: list[str] = []
+        self.word_ids: dict[str, int] = {}
+        self.tokens_estimate = 0  # what an engine actor reports to the job's live token count
 
     def render(self, messages: list[dict] | None, text: str | None) -> str:
         if messages is None:
@@ -28,9 +30,10 @@ class EchoEngine:
         if len(words) > self.max_prompt_words:
             raise PromptTooLong(f"prompt has {len(words)} tokens (echo engine limit {self.max_prompt_words})")
         for word in words:
-            if word not in self.vocabulary:
+            if word not in self.word_ids:
+                self.word_ids[word] = len(self.vocabulary)
                 self.vocabulary.append(word)
-        return [self.vocabulary.index(word) for word in words]
+        return [self.word_ids[word] for word in words]
 
     def generate(self, prompts, sampling, seeds, extras=None) -> list:
         results = []
@@ -40,6 +43,7 @@ class EchoEngine:
             if self.fail_on is not None and self.fail_on in words:
                 results.append(ValueError(f"echo engine refuses {self.fail_on!r}"))
                 continue
+            self.tokens_estimate += len(words) * spec.n
             completions = [Completion(" ".join(words), "length" if len(words) == spec.max_tokens else "stop",
                                       len(words), n) for n in range(spec.n)]
             results.append(Generation(len(ids), completions))
