@@ -143,8 +143,11 @@ def _read_jsonl(fs: pafs.FileSystem, file: InputFile):
                 continue
             try:
                 row = json.loads(line)
-            except (ValueError, RecursionError) as err:  # ValueError: bad JSON, or an integer of 4300+ digits
-                yield None, f"bad_json: line {number}: {getattr(err, 'msg', None) or err}", line
+            except json.JSONDecodeError as err:
+                yield None, f"bad_json: line {number}, column {err.colno}: {err.msg}", line
+                continue
+            except (ValueError, RecursionError) as err:  # an integer of 4300+ digits, nesting past Python's stack
+                yield None, f"bad_json: line {number}: {err}", line
                 continue
             if not isinstance(row, dict):
                 yield None, f"bad_json: line {number}: expected a JSON object, got {type(row).__name__}", line

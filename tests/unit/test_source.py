@@ -52,14 +52,16 @@ def test_jsonl_bom_crlf_bad_utf8_huge_numbers_deep_nesting(tmp_path):
                      b'{"id": "digits", "topic": ' + b"9" * 5000 + b'}\n'
                      b'{"id": "deep", "topic": ' + b"[" * 100_000 + b"]" * 100_000 + b'}\n'
                      b'{"id": "nul", "topic": "a\x00b"}\n{"id": "escaped-nul", "topic": "a\\u0000b"}\n'
+                     b'{"id": "surrogate", "topic": "\\ud800"}\n{"id": "pair", "topic": "\\ud83d\\udc1d"}\n'
                      b'{"id": "big", "topic": "x", "n": 1}\n{"id": "big2", "topic": "y", "n": 100000000000000000000}')
     rows, total = read(path)
-    assert total == len(rows) == 8
+    assert total == len(rows) == 10
     errors = [r["_gf_error"].split(":")[0] if r["_gf_error"] else None for r in rows]
-    assert errors == [None, "bad_json", "bad_json", "bad_json", "bad_json", None, None, "bad_type"]
-    assert rows[0]["id"] == "bom" and rows[5]["topic"] == "a\x00b"
+    assert errors == [None, "bad_json", "bad_json", "bad_json", "bad_json", None, "bad_json", None, None, "bad_type"]
+    assert rows[0]["id"] == "bom" and rows[5]["topic"] == "a\x00b" and rows[7]["topic"] == "\U0001f41d"
     assert "not UTF-8 (byte 0xe9" in rows[1]["_gf_error"] and "caf\ufffd" in rows[1]["_gf_raw"]
-    assert "column 'n' holds int64" in rows[7]["_gf_error"]
+    assert rows[4]["_gf_error"] == "bad_json: line 7, column 26: Invalid control character at"
+    assert "half a surrogate pair" in rows[6]["_gf_error"] and "column 'n' holds int64" in rows[9]["_gf_error"]
 
 
 def test_schema_comes_from_every_file_and_empty_files_are_skipped(tmp_path):
