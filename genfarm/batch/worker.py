@@ -57,7 +57,14 @@ OWN_COLUMNS = {"id", *(name for name, _ in GENERATED_FIELDS), *(name for name, _
 def output_schema(input_schema: pa.Schema, task_columns: dict[str, pa.DataType]) -> tuple[pa.Schema, dict[str, str]]:
     """Result columns, and how input columns are renamed where they collide with genfarm's own or the task's."""
     own = OWN_COLUMNS | set(task_columns)
-    rename = {f.name: (f"input_{f.name}" if f.name in own else f.name) for f in input_schema}
+    taken = own | set(input_schema.names)
+    rename = {}
+    for name in input_schema.names:
+        new = name
+        while new in own or (new != name and new in taken):  # input_X, or input_input_X where input has input_X
+            new = f"input_{new}"
+        rename[name] = new
+        taken.add(new)
     fields = [pa.field("id", pa.string())]
     fields += [pa.field(rename[f.name], f.type) for f in input_schema]
     fields += [pa.field(n, t) for n, t in GENERATED_FIELDS]

@@ -119,3 +119,14 @@ def test_a_repeated_id_is_an_error_row_of_its_own_id(tmp_path):
     rows, _ = read(path)
     assert [r["_gf_id"] for r in rows] == ["a", "d.jsonl:1", "1", "d.jsonl:3"]
     assert rows[1]["_gf_error"] == "duplicate_id: id 'a' appears twice in d.jsonl" and '"y"' in rows[1]["_gf_raw"]
+
+
+def test_input_columns_that_clash_are_renamed_to_names_no_other_column_has():
+    from genfarm.batch.worker import output_schema
+
+    schema, rename = output_schema(pa.schema([("id", pa.string()), ("prompt", pa.string()),
+                                              ("input_prompt", pa.int64()), ("title", pa.string()), ("", pa.int64())]),
+                                   {"title": pa.string()})
+    assert rename == {"id": "input_id", "prompt": "input_input_prompt", "input_prompt": "input_prompt",
+                      "title": "input_title", "": ""}
+    assert len(set(schema.names)) == len(schema.names)  # a folder of parts with a field twice cannot be read
