@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Column, Table
 
 from genfarm.console import ADDRESS_HELP, err, log_path, out, system_output_to
@@ -355,7 +356,7 @@ def main() -> None:
     try:
         app()
     except UserError as error:
-        err.print(f"[red]error[/]: {error}", highlight=False)
+        err.print(f"[red]error[/]: {escape(str(error))}", highlight=False)  # file names may hold [brackets]
         sys.exit(2)
 
 

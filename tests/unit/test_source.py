@@ -130,3 +130,15 @@ def test_input_columns_that_clash_are_renamed_to_names_no_other_column_has():
     assert rename == {"id": "input_id", "prompt": "input_input_prompt", "input_prompt": "input_prompt",
                       "title": "input_title", "": ""}
     assert len(set(schema.names)) == len(schema.names)  # a folder of parts with a field twice cannot be read
+
+
+def test_the_error_line_shows_a_name_with_brackets_as_it_is(monkeypatch, capsys):
+    """Rich markup in a file name ([final], [/x]) was read as styling: the name lost a part, or the line became a
+    traceback (MarkupError)."""
+    from genfarm import cli
+
+    monkeypatch.setattr("sys.argv", ["genfarm", "run", "/nowhere/in[final]/job[/x].yaml"])
+    with pytest.raises(SystemExit) as caught:
+        cli.main()
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: /nowhere/in[final]/job[/x].yaml: job file not found.")
