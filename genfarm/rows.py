@@ -8,7 +8,7 @@ from typing import Any
 
 ERROR_TYPES = (
     "bad_json",  # a JSONL line that is not a JSON object
-    "bad_row",  # a CSV line with the wrong number of fields
+    "bad_row",  # a row the file cannot give: a CSV line with the wrong number of fields, a corrupt Parquet row group
     "missing_field",  # a column the task needs is absent or null
     "bad_type",  # a value of the wrong type (a number where text is needed)
     "duplicate_id",  # the id column repeats a value within a file

@@ -25,6 +25,7 @@ import pytest
 from conftest import make_job
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from unit.test_source import corrupt_row_group
 
 from genfarm.errors import UserError
 from genfarm.rows import ERROR_TYPES
@@ -169,7 +170,8 @@ def hostile_jsonl(folder: Path) -> tuple[dict, dict]:
 
 def hostile_mixed(folder: Path) -> tuple[dict, dict]:
     """Schemas that differ across files (a column int in one, text in another, missing in a third, one only a later
-    file has, names genfarm uses), Parquet of many Arrow types, a CSV with BOM, CRLF, quoting, bad rows, 2 MB value."""
+    file has, names genfarm uses), Parquet of many Arrow types and with a corrupt row group, a CSV with BOM, CRLF,
+    quoting, bad rows and a 2 MB value."""
     expected = jsonl(folder / "mix_a.jsonl", [({"id": f"a{i}", "topic": "bees", "n": i}, RESULT) for i in range(4)])
     expected |= jsonl(folder / "mix_b.jsonl", [({"id": "b-text", "topic": "bees", "n": "seven"}, "bad_type"),
                                                ({"id": "b-missing", "topic": "bees"}, RESULT),
@@ -185,6 +187,10 @@ def hostile_mixed(folder: Path) -> tuple[dict, dict]:
     expected |= {("mix_c.parquet", 0): RESULT, ("mix_c.parquet", 1): "missing_field", ("mix_c.parquet", 2): RESULT}
     pq.write_table(pa.table({"id": ["q0"], "topic": [12345]}), folder / "mix_d.parquet")  # the prompt column an int
     expected |= {("mix_d.parquet", 0): "bad_type"}
+    pq.write_table(pa.table({"id": [f"g{i}" for i in range(6)], "topic": ["bees"] * 6}), folder / "mix_e.parquet",
+                   row_group_size=2)
+    corrupt_row_group(folder / "mix_e.parquet", 1)  # a good footer, a page that cannot be read
+    expected |= {("mix_e.parquet", i): "bad_row" if i in (2, 3) else RESULT for i in range(6)}
     (folder / "z.csv").write_bytes(
         BOM + b'id,topic\r\nc1,bees\r\nc2,"multi\r\nline bees"\r\nc3,"say ""hi"" bees"\r\n\r\n  \r\nc4,x,y\r\n'
         b'c5,a\x00b bees\r\nc6,"' + HUGE.encode() + b'"\r\nc7,""\r\nc9,"quoted"then more\r\n'
@@ -274,6 +280,7 @@ def test_hostile_jsonl_through_the_cli_then_unreadable_inputs_are_refused(tmp_pa
     messages = dict(zip(errors["id"], errors["message"]))
     assert "column 'topic' holds string" in messages["topic-zero"] and "column 'id' holds string" in messages["0"]
     assert messages["topic-null"] == "column 'topic' is missing or null"
+    assert messages["lines.jsonl:17"] == "id 'ok-1' appears twice in lines.jsonl"  # its own id, not the first's
     latin1 = errors[errors.message.str.contains("not UTF-8")]
     assert len(latin1) == 1 and "caf\ufffd" in latin1["input"].iloc[0]  # the line, as far as it can be shown
     assert results.set_index("id").loc["bom-first", "topic"] == "bees"  # the BOM is not part of the first row
@@ -316,8 +323,9 @@ def test_mixed_schemas_parquet_types_and_csv_in_process(tmp_path, tiny):
     messages = dict(zip(errors["id"], errors["message"]))
     assert messages["b-text"].startswith("column 'n' holds int64") and "seven" in messages["b-text"]
     assert messages["q0"].startswith("column 'topic' holds ") and "got int 12345" in messages["q0"]
-    [bad_row] = errors[errors.error_type == "bad_row"].to_dict("records")
+    [bad_row] = errors[(errors.error_type == "bad_row") & (errors.source_file == "z.csv")].to_dict("records")
     assert bad_row["input"] == "c4,x,y" and bad_row["message"] == "expected 2 fields, got 3"
+    assert messages["mix_e.parquet:2"].startswith("row group 1 of mix_e.parquet cannot be read (")
 
     # refused in-process too, before the output folder is made
     (folder / "corrupt.parquet").write_bytes(unreadable_bytes(None))

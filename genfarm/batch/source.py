@@ -108,16 +108,18 @@ def _parquet(fs: pafs.FileSystem, file: InputFile) -> pq.ParquetFile:
 
 def unreadable(file: InputFile, err: Exception, fix: str) -> UserError:
     """The one-line error of an input file that cannot be read as a whole."""
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError("input.path", f"{file.name} cannot be read as {file.format} ({reason})", fix)
+    return UserError("input.path", f"{file.name} cannot be read as {file.format} ({reason(err)})", fix)
+
+
+def reason(err: Exception) -> str:
+    """The first line of an error's message (Arrow's run on with details), else its type."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def read_rows(fs: pafs.FileSystem, file: InputFile) -> Iterator[tuple[dict | None, str | None, str | None]]:
     """(row, error, raw) for every row of a file, in order; a row that cannot be parsed comes as an error."""
     if file.format == "parquet":
-        for batch in _parquet(fs, file).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                yield row, None, None
+        yield from _read_parquet(fs, file)
     elif file.format == "text":
         with fs.open_input_stream(file.path) as stream:
             yield {"text": stream.read().decode("utf-8", errors="replace")}, None, None
@@ -128,6 +130,23 @@ def read_rows(fs: pafs.FileSystem, file: InputFile) -> Iterator[tuple[dict | Non
             yield (None if row is None else _openai_request(row)), error, raw
     else:
         yield from _read_jsonl(fs, file)
+
+
+def _read_parquet(fs: pafs.FileSystem, file: InputFile):
+    """Row group by row group: the rows of one that cannot be read (a corrupt page) are bad_row errors, and the
+    file's other row groups are read."""
+    parquet = _parquet(fs, file)
+    for group in range(parquet.num_row_groups):
+        done = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=1024, row_groups=[group]):
+                for row in batch.to_pylist():
+                    yield row, None, None
+                    done += 1
+        except (OSError, pa.ArrowException) as err:
+            message = f"bad_row: row group {group} of {file.name} cannot be read ({reason(err)})"
+            for _ in range(parquet.metadata.row_group(group).num_rows - done):
+                yield None, message, None
 
 
 def _read_jsonl(fs: pafs.FileSystem, file: InputFile):

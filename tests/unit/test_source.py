@@ -142,3 +142,24 @@ def test_the_error_line_shows_a_name_with_brackets_as_it_is(monkeypatch, capsys)
         cli.main()
     assert caught.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: /nowhere/in[final]/job[/x].yaml: job file not found.")
+
+
+def corrupt_row_group(path, group: int) -> None:
+    """Spoil the page headers of one row group of a Parquet file (its footer stays good)."""
+    data = bytearray(path.read_bytes())
+    meta = pq.ParquetFile(path).metadata.row_group(group)
+    for c in range(meta.num_columns):
+        column = meta.column(c)
+        start = column.dictionary_page_offset or column.data_page_offset
+        data[start:start + 8] = bytes(b ^ 0xFF for b in data[start:start + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_parquet_row_group_is_bad_rows_the_others_are_read(tmp_path):
+    path = tmp_path / "g.parquet"
+    pq.write_table(pa.table({"id": [f"g{i}" for i in range(6)], "topic": ["bees"] * 6}), path, row_group_size=2)
+    corrupt_row_group(path, 1)
+    rows, total = read(path)
+    assert total == len(rows) == 6
+    assert [r["_gf_id"] for r in rows] == ["g0", "g1", "g.parquet:2", "g.parquet:3", "g4", "g5"]
+    assert rows[2]["_gf_error"].startswith("bad_row: row group 1 of g.parquet cannot be read (")
