@@ -244,8 +244,8 @@ def _csv_batches(fs: pafs.FileSystem, file: InputFile):
 
     def on_invalid(row) -> str:
         if row.text.strip():  # a line of spaces is blank, as in JSONL
-            line = f"line {row.number}: " if row.number is not None else ""  # unknown where values span lines
-            bad.append((f"bad_row: {line}expected {row.expected_columns} fields, got {row.actual_columns}", row.text))
+            # no line number: pyarrow's is unknown or off where quoted values span lines; the row's text is kept
+            bad.append((f"bad_row: expected {row.expected_columns} fields, got {row.actual_columns}", row.text))
         return "skip"
 
     fix = ("save it as UTF-8 CSV with a header line; quote a value that holds a comma, quote or line break, and "
