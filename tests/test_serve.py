@@ -263,10 +263,12 @@ def test_client_disconnect_frees_the_engine_slot(service):
                             "max_tokens": LONG, "temperature": 0, "stream": True}, timeout=60) as answer:
         lines = answer.iter_lines()
         assert next(lines).startswith("data: ")
-        assert service.metrics()["genfarm_engine_requests"] == 1  # generating now
-    # the connection is closed: Serve cancels the handler, the engine aborts the request
+        # generating now (as the replica last told the metrics hub: every second, or when it answers /metrics)
+        service.wait_for_metric("genfarm_engine_requests", lambda v: v == 1, timeout=10)
+    # the connection is closed: Serve cancels the handler, the engine aborts the request (long before its 1,500
+    # tokens are done)
     service.wait_for_metric('genfarm_client_disconnects_total{route="chat"}', lambda v: v == before + 1)
-    service.wait_for_metric("genfarm_engine_requests", lambda v: v == 0, timeout=10)
+    service.wait_for_metric("genfarm_engine_requests", lambda v: v == 0, timeout=20)
     assert service.metrics()["genfarm_running_requests"] == 0
 
 
