@@ -60,6 +60,7 @@ DEFAULT_FAULTS = FAULTS[:-1]
 MARK = "GENFARM_CHAOS"  # in the environment of every process a trial starts, so its leftovers can be found
 RAY = str(Path(sys.executable).parent / "ray")
 ENGINE_TITLE = "GenerateWorker"  # in the process title of an engine actor
+RERUNS = 3  # most times the same command is run again after a fault
 
 
 class Failed(Exception):
@@ -154,6 +155,11 @@ class Job:
         return len([n for n in os.listdir(self.out) if n.endswith(".parquet")]) if self.out.is_dir() else 0
 
 
+def last_line(job: Job, run: Run) -> str:
+    lines = [line for line in (job.folder / f"{run.label}.err").read_text(errors="replace").splitlines() if line]
+    return lines[-1][:300] if lines else "(no output)"
+
+
 def until(condition, timeout: float, step: float = 0.25):
     """The first true value of `condition()` within `timeout` seconds, else None."""
     deadline = time.monotonic() + timeout
@@ -206,14 +212,21 @@ class Trial:
         return now
 
     def finish(self, run: Run) -> Run:
-        """The run that finished the job: `run` if it did, else the same command run again."""
-        code = run.wait(self.timeout)
-        if code == 0:
+        """The run that finished the job: `run` if it did, else the same command run again (as an operator would,
+        up to RERUNS times: a loaded machine can fail a run for reasons of its own, e.g. Ray's start-up timing out;
+        each such failure is recorded with its last line)."""
+        if run.wait(self.timeout) == 0:
             return run
-        again = self.job.launch()
-        if again.wait(self.timeout) != 0:
-            raise Failed(f"the same command run again exited {again.record()['exit']} (see {again.label}.err)")
-        return again
+        failures = []
+        for _ in range(RERUNS):
+            again = self.job.launch()
+            if again.wait(self.timeout) == 0:
+                if failures:
+                    self.info["failed_reruns"] = failures
+                return again
+            kill_run(again)
+            failures.append(f"{again.label} exited {again.record()['exit']}: {last_line(self.job, again)}")
+        raise Failed(f"the same command failed {RERUNS} times: {'; '.join(failures)}")
 
 
 def strike_engine(trial: Trial, run: Run) -> tuple[float, Run]:
@@ -560,6 +573,7 @@ def summarize(trials: list[dict]) -> list[dict]:
             "fault": fault, "trials": len(group),
             **{status: sum(t["status"] == status for t in group) for status in ("passed", "failed", "missed")},
             "mid_generation": sum(t.get("parts_at_fault", 0) > 0 for t in group),
+            "failed_reruns": sum(len(t.get("failed_reruns", [])) for t in group),
             "median_recovery_s": round(statistics.median(recovered), 1) if recovered else None,
             "max_recovery_s": max(recovered) if recovered else None,
         })
@@ -591,13 +605,17 @@ def write_results(meta: dict, table: list[dict], trials: list[dict], out: Path, 
              "Mid-generation: faults that struck after the first part was committed (the others hit start-up). "
              "driver-term and driver-int recoveries include waiting (at most 15 s) for the stopped run's processes "
              "to go before the command is run again.", "",
-             "| fault | what | trials | passed | failed | missed | mid-generation | median recovery s "
-             "| max recovery s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| fault | what | trials | passed | failed | missed | mid-generation | failed re-runs "
+             "| median recovery s | max recovery s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['fault']} | {WHAT[r['fault']]} | {r['trials']} | {r['passed']} | {r['failed']} | "
-                     f"{r['missed']} | {r['mid_generation']} | {num(r['median_recovery_s'])} | "
-                     f"{num(r['max_recovery_s'])} |")
+                     f"{r['missed']} | {r['mid_generation']} | {r['failed_reruns']} | "
+                     f"{num(r['median_recovery_s'])} | {num(r['max_recovery_s'])} |")
+    reruns = [(t, line) for t in trials for line in t.get("failed_reruns", [])]
+    if reruns:
+        lines += ["", "Re-runs that failed before one finished the job (their time is in the recovery):"]
+        lines += [f"- {t['fault']} #{t['trial']}: {line}" for t, line in reruns]
     failed = [t for t in trials if t["status"] == "failed"]
     if failed:
         lines += ["", "Failed trials (folders kept):"]

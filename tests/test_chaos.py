@@ -1,5 +1,7 @@
-"""Kill trials (benchmarks/chaos.py) in the suite: one trial of each quick fault against the tiny model, each checked
-by the tool itself; and the tool's checks catch what a fault could leave behind."""
+"""Kill trials (benchmarks/chaos.py) in the suite: one trial each of the engine fault, Ctrl-C and planted crashed-write
+leftovers with a SIGKILL of the driver and all it started (which is the driver-kill fault plus leftovers), against the
+tiny model, each checked by the tool itself; and the tool's checks catch what a fault could leave behind. Fault moments
+come from a fixed window instead of a clean run measured first, which would cost a whole run more."""
 
 from __future__ import annotations
 
@@ -23,11 +25,11 @@ TRIALS_TIMEOUT_S = 360
 
 
 @pytest.mark.timeout(TRIALS_TIMEOUT_S + 60)
-def test_one_trial_of_each_quick_fault_passes(tmp_path, tiny):
-    faults = "engine,driver-kill,driver-int,temp-files"
+def test_one_trial_of_three_faults_passes(tmp_path, tiny):
+    faults = "engine,driver-int,temp-files"
     done = subprocess.run([sys.executable, "-m", "benchmarks.chaos", "--trials", "1", "--faults", faults,
                            "--rows", "160", "--seed", "17", "--model", tiny, "--out", str(tmp_path / "results"),
-                           "--work", str(tmp_path / "work"), "--timeout", "240"],
+                           "--work", str(tmp_path / "work"), "--timeout", "240", "--window", "5,30"],
                           cwd=ROOT, capture_output=True, text=True, timeout=TRIALS_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     results = json.loads((tmp_path / "results" / "chaos.json").read_text())
