@@ -154,19 +154,23 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
+GAUGES = {"genfarm_engine_requests": "engine", "genfarm_running_requests": "running", "genfarm_queue_depth": "queued"}
+
+
 def engine_requests(url: str) -> dict | None:
-    """The service's running, queued and engine-held requests from /metrics (None: no answer)."""
+    """The service's running, queued and engine-held requests from /metrics, and the disconnects it counted
+    (None: no answer)."""
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:
         return None
-    wanted = {"genfarm_engine_requests": "engine", "genfarm_running_requests": "running",
-              "genfarm_queue_depth": "queued"}
-    found = {}
+    found = {"client_disconnects": 0.0}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in wanted:
-            found[wanted[name]] = float(value)
+        if name in GAUGES:
+            found[GAUGES[name]] = float(value)
+        elif name.startswith("genfarm_client_disconnects_total"):
+            found["client_disconnects"] += float(value)
     return found
 
 
@@ -177,7 +181,7 @@ def wait_idle(url: str, timeout_s: float) -> dict:
     while now() - start < timeout_s:
         last = engine_requests(url)
         first = first if first is not None else last
-        if last and set(last) == {"engine", "running", "queued"} and not any(last.values()):
+        if last and all(last.get(key) == 0 for key in GAUGES.values()):
             return {"at_stop": first, "at_end": last, "seconds_to_zero": round(now() - start, 1)}
         time.sleep(1)
     return {"at_stop": first, "at_end": last, "seconds_to_zero": None}
@@ -243,7 +247,10 @@ async def request(client: httpx.AsyncClient, model: str, kind: str, rng: random.
                     work.cancel()
                     with suppress(asyncio.CancelledError):
                         await work
-                    outcome = "cancelled before answer" if record["tokens"] == 0 else "200 cancelled mid-stream"
+                    if record["status"] not in (None, 200):  # its error's status line came, its body not yet
+                        outcome = error_label(record["status"], b"")
+                    else:
+                        outcome = "cancelled before answer" if record["tokens"] == 0 else "200 cancelled mid-stream"
             else:
                 outcome = await work
     except TimeoutError:
@@ -376,6 +383,8 @@ async def fault(service: Service, role: str, rate: float, max_tokens: int, t0: f
                 restarted = since
         if engines and engines_gone is None and not any(reaper.alive(p) for p in engines):
             engines_gone = since
+        if recovered is not None and since > recovered + 30:  # answering: what is still missing will not come
+            break
     if engines and engines_gone is None:  # the reaper did not do its job: do it, and say so
         kill(engines)
     await asyncio.sleep(after_s if recovered is not None else 0)
@@ -417,6 +426,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--rate", type=float, default=4, help="Requests/s of the steady load under faults.")
     parser.add_argument("--faults", nargs="+", default=["replica", "haproxy"], choices=["replica", "haproxy", "none"])
+    parser.add_argument("--out", type=Path, default=results_files.RESULTS, help="Folder of soak.{json,md,png}.")
     args = parser.parse_args()
     config = service_config(args.model, args.max_concurrent, args.max_queued, args.request_timeout, args.kv_cache_gib,
                             args.max_tokens)
@@ -429,11 +439,12 @@ def main() -> None:
         part_a = soak(service, 4 * args.max_concurrent, args.minutes * 60, args.max_tokens, t0, sampler)
         print(json.dumps({k: v for k, v in part_a.items() if k != "records"}), flush=True)
         part_b = []
+        report(args, config, part_a, part_b, sampler.samples, args.out)  # kept if a fault breaks the run
         for role in [f for f in args.faults if f != "none"]:
             part_b.append(asyncio.run(fault(service, role, args.rate, max(8, args.max_tokens // 3), t0)))
             print(json.dumps({k: v for k, v in part_b[-1].items() if k != "records"}), flush=True)
+            report(args, config, part_a, part_b, sampler.samples, args.out)
         sampler.stop()
-    report(args, config, part_a, part_b, sampler.samples)
 
 
 def report(args, config: dict, part_a: dict, part_b: list[dict], samples: list[dict],
@@ -459,6 +470,9 @@ def report(args, config: dict, part_a: dict, part_b: list[dict], samples: list[d
     soak_rows.append(("engine requests when the load stopped -> at the end",
                       f"{fmt_counts(idle['at_stop'])} -> {fmt_counts(idle['at_end'])} "
                       f"(zero after {idle['seconds_to_zero']} s)"))
+    if idle["at_end"]:
+        soak_rows.append(("client disconnects the service counted (genfarm_client_disconnects_total)",
+                          f"{idle['at_end']['client_disconnects']:,.0f}"))
     lines = [f"Measured {meta['date']} on {meta['machine']}; model {args.model}, max_tokens {args.max_tokens // 2}-"
              f"{args.max_tokens}, limits.request_timeout_s {args.request_timeout:g}.", "",
              "Soak at 4x capacity:", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in soak_rows)]
@@ -472,6 +486,7 @@ def report(args, config: dict, part_a: dict, part_b: list[dict], samples: list[d
                          f"{fmt_s(f['seconds_to_200'])} | {fmt_s(f['seconds_to_new_process'])} | "
                          f"{fmt_s(f['seconds_to_engines_gone']) if f['engine_pids'] else '-'} | {f['hung']} | "
                          f"{fmt_counts(f['engine_requests']['at_end'])} |")
+    samples = sorted(samples, key=lambda s: s["t"])
     results_files.write("soak", {"meta": meta, "soak": part_a, "faults": part_b, "memory": samples}, lines, folder)
     plot(part_a, part_b, samples, folder)
 
