@@ -287,16 +287,16 @@ def test_hostile_jsonl_through_the_cli_then_unreadable_inputs_are_refused(tmp_pa
     assert results.set_index("id").loc["topic-nul", "topic"] == "a\u0000b bees"  # a NUL in the text goes through
 
     # An input that cannot be read as a whole: refused in one line before anything runs; nothing written changes.
+    # (The other unreadable inputs are refused in-process below: each CLI run costs a Python start.)
     before = snapshot(out)
-    for name, data, message in UNREADABLE:
-        (folder / name).write_bytes(unreadable_bytes(data))
-        refused = genfarm("run", job, "--no-progress", "--json")
-        (folder / name).unlink()
-        lines = refused.stderr.strip().splitlines()
-        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-        assert len(lines) == 1 and lines[0].startswith("error: input.path: ") and message in lines[0], lines
-        assert "Fix: " in lines[0]
-        assert snapshot(out) == before
+    name, data, message = UNREADABLE[0]
+    (folder / name).write_bytes(unreadable_bytes(data))
+    refused = genfarm("run", job, "--no-progress", "--json")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: input.path: ") and message in lines[0], lines
+    assert "Fix: " in lines[0]
+    assert snapshot(out) == before
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -327,8 +327,17 @@ def test_mixed_schemas_parquet_types_and_csv_in_process(tmp_path, tiny):
     assert bad_row["input"] == "c4,x,y" and bad_row["message"] == "expected 2 fields, got 3"
     assert messages["mix_e.parquet:2"].startswith("row group 1 of mix_e.parquet cannot be read (")
 
-    # refused in-process too, before the output folder is made
+    # Inputs that cannot be read as a whole: refused in one line, before anything runs or is written.
+    before = snapshot(tmp_path / "out")
+    for name, data, message in UNREADABLE:
+        (folder / name).write_bytes(unreadable_bytes(data))
+        with pytest.raises(UserError) as caught:
+            run_job(job, show_progress=False)
+        (folder / name).unlink()
+        line = str(caught.value)
+        assert line.startswith("input.path: ") and message in line and "Fix: " in line and "\n" not in line, line
+        assert snapshot(tmp_path / "out") == before
     (folder / "corrupt.parquet").write_bytes(unreadable_bytes(None))
     with pytest.raises(UserError, match="corrupt.parquet cannot be read as parquet"):
         run_job(make_job(folder, tmp_path / "fresh", tiny), show_progress=False)
-    assert not os.path.exists(tmp_path / "fresh")
+    assert not os.path.exists(tmp_path / "fresh")  # a new job's folder is not even made
