@@ -23,7 +23,9 @@ fault strikes:
 Each trial then checks the output folder: every input row exactly once across results and _errors (pandas.read_parquet
 of OUTPUT and OUTPUT/_errors: ids unique and complete), only whole Parquet parts visible to readers, _summary.json
 balanced (complete; generated + errors = input rows, as read), `genfarm status` saying complete with the same counts,
-and `genfarm inspect` working. Recovery time: from the fault to the end of the run that finished the job.
+and `genfarm inspect` working. Recovery time: from the fault to the end of the run that finished the job. "The same
+command again" is run up to 3 times, as an operator would on a machine so loaded that a run fails for reasons of its
+own (Ray's start-up timing out); every such failed re-run is listed in the results.
 
 Writes OUT/chaos.{json,md} (OUT: benchmarks/results). A failed trial keeps its folder (path and reason in the JSON and
 on stdout) and the tool exits 1; a trial whose job ended before its moment came is 'missed' (counted, not failed).
