@@ -1,19 +1,21 @@
 """genfarm's own pipeline without a model: rows/s through read -> render -> generate -> commit -> ledger with an echo
 engine, what each process spends per row, and what resuming a 10M-row job reads before any row moves.
 
-    python -m benchmarks.pipeline                           # 100,000 rows through 1 and 2 actors; resume at 10M rows
+    python -m benchmarks.pipeline                 # 100,000 rows through 1 and 2 actors; resume at 10M rows (~15 min)
     python -m benchmarks.pipeline --rows 20000 --resume-rows 1000000
 
 The echo engine (tests/unit/echo_engine.py, named as such wherever it is used) "generates" the last words of each
 prompt back at once: what is measured is genfarm and Ray Data, not a model. While a job runs, the CPU time of every
 process is sampled (psutil): the driver, the engine actors, Ray's other workers (read tasks, Ray Data's coordinators)
-and Ray's daemons. Rows per CPU-second of a process is the rate it could carry with a core of its own: the driver's is
-the most rows/s one driver can feed, however many engines; an actor's, what genfarm adds per row beside its engine.
+and Ray's daemons, counted while rows flow (from the first row's start to the last one's end, as the output's
+started_at/finished_at say). Rows per CPU-second of a process is the rate it could carry with a core of its own: the
+driver's is the most rows/s one driver can feed, however many engines; an actor's, what genfarm adds per row beside
+its engine.
 
 Resume: an output folder holding N committed rows of --resume-files input files in parts of --part-rows rows (the
 parts a job with workers.batch_size = part rows leaves), then, in a fresh process, what a re-run reads before any row
-moves: Ledger.count (every part's footer: the driver's) and Ledger.done_ids for one file (the ids of its parts: each
-file's reader does this once, listing the whole folder), timed, with the process's peak memory.
+moves: Ledger.count (every part's footer) and the one listing of the parts (the driver's), and Ledger.done_ids for one
+file (the ids of its parts: each file's reader does this once), timed, with the process's peak memory.
 Writes benchmarks/results/pipeline.{json,md}.
 """
 
@@ -60,38 +62,52 @@ def kind(process) -> str:
 
 
 class CpuSampler:
-    """CPU seconds of this process and its descendants by kind, sampled until stopped (a process's last sample
-    before it exits counts)."""
+    """CPU seconds of this process and its descendants, sampled every SAMPLE_S until stopped; `spent(t0, t1)` gives
+    what each kind of process spent between two wall-clock times (the rows' flow, without start-up and shutdown)."""
 
     def __init__(self):
         import psutil
 
-        self.psutil, self.last = psutil, {}
-        self.me = psutil.Process()
-        self.base = sum(self.me.cpu_times()[:2])
+        self.psutil, self.me = psutil, psutil.Process()
+        self.history: list[tuple[float, dict[int, tuple[str, float]]]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
+        self.sample()
         self.thread.start()
 
     def sample(self) -> None:
+        seen = {}
         for process in [self.me, *self.me.children(recursive=True)]:
             try:
                 user, system = process.cpu_times()[:2]
-                self.last[process.pid] = (kind(process), user + system)
+                seen[process.pid] = (kind(process), user + system)
             except self.psutil.Error:
                 continue
+        self.history.append((time.time(), seen))
 
     def run(self) -> None:
         while not self.stop.wait(SAMPLE_S):
             self.sample()
 
-    def finish(self) -> dict[str, float]:
+    def finish(self) -> None:
         self.sample()
         self.stop.set()
         self.thread.join()
+
+    def at(self, moment: float) -> dict[int, tuple[str, float]]:
+        """Every process's CPU seconds as last sampled at or before `moment` (an exited one keeps its last)."""
+        known: dict[int, tuple[str, float]] = {}
+        for when, seen in self.history:
+            if when > moment:
+                break
+            known.update(seen)
+        return known
+
+    def spent(self, start: float, end: float) -> dict[str, float]:
+        before, after = self.at(start), self.at(end)
         totals: dict[str, float] = {}
-        for pid, (name, seconds) in self.last.items():
-            totals[name] = totals.get(name, 0.0) + (seconds - self.base if pid == self.me.pid else seconds)
+        for pid, (name, seconds) in after.items():
+            totals[name] = totals.get(name, 0.0) + seconds - before.get(pid, (name, 0.0))[1]
         return totals
 
 
@@ -116,12 +132,14 @@ def run_pipeline(rows: int, actors: int, batch_size: int, work: Path) -> dict:
     t0 = time.monotonic()
     summary = run_job(job, show_progress=False, engine=echo_engine())
     wall = time.monotonic() - t0
-    cpu = sampler.finish()
+    sampler.finish()
     times = pd.read_parquet(work / "out", columns=["started_at", "finished_at"])
-    flowing = (times["finished_at"].max() - times["started_at"].min()).total_seconds()
+    first, last = times["started_at"].min().timestamp(), times["finished_at"].max().timestamp()
+    flowing = last - first
+    cpu = sampler.spent(first, last)
     done = summary["completed_rows"] + summary.get("error_rows", 0)
     return {"actors": actors, "rows": done, "batch_size": batch_size, "wall_s": wall, "flowing_s": flowing,
-            "rows_per_s": done / flowing, "cpu_s": cpu,
+            "rows_per_s": done / flowing, "cpu_s": {name: round(seconds, 2) for name, seconds in cpu.items()},
             "rows_per_cpu_s": {name: done / seconds for name, seconds in cpu.items() if seconds > 0},
             "parts": len(list((work / "out").glob("*.parquet")))}
 
@@ -149,18 +167,24 @@ def write_ledger(folder: Path, rows: int, part_rows: int, files: int) -> str:
 
 
 def probe_resume(folder: str, key: str) -> None:
-    """Child process: what a re-run reads, timed, and this process's peak memory."""
+    """Child process: what a re-run reads, timed, and this process's peak memory. A job's driver lists the parts
+    once (parts_by_source) and each reader reads its own file's; a reader listing the folder itself (done_ids with
+    no parts, as genfarm's readers once did) is timed beside it."""
     from genfarm.batch.ledger import Ledger
 
     ledger = Ledger(folder)
     t0 = time.monotonic()
     counts = ledger.count()
     t1 = time.monotonic()
-    done = ledger.done_ids(key)
+    by_source = ledger.parts_by_source()
     t2 = time.monotonic()
+    done = ledger.done_ids(key, by_source[key])
+    t3 = time.monotonic()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"count_s": t1 - t0, "done_ids_s": t2 - t1, "ids": len(done), "counted": counts.results,
-                      "peak_mb": peak_mb}))
+    ledger.done_ids(key)
+    t4 = time.monotonic()
+    print(json.dumps({"count_s": t1 - t0, "list_s": t2 - t1, "done_ids_s": t3 - t2, "self_listing_s": t4 - t3,
+                      "ids": len(done), "counted": counts.results, "peak_mb": peak_mb}))
 
 
 def run_resume(rows: int, part_rows: int, files: int, work: Path) -> dict:
@@ -178,7 +202,8 @@ def run_resume(rows: int, part_rows: int, files: int, work: Path) -> dict:
     found["ids_mb"] = found["peak_mb"] - baseline / 1024
     parts = len(list(folder.iterdir()))
     return {"rows": rows, "files": files, "part_rows": part_rows, "parts": parts, "write_s": made,
-            "all_readers_s": found["done_ids_s"] * files, **found}
+            "all_readers_s": found["done_ids_s"] * files, "all_self_listing_s": found["self_listing_s"] * files,
+            **found}
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -203,12 +228,13 @@ def report(pipeline: list[dict], resume: list[dict]) -> None:
                      + " | ".join(per) + " |")
     lines += ["", "Resuming: what a re-run reads before any row moves, in a fresh process.", "",
               "| committed rows | input files | rows per part | parts | Ledger.count s (driver: footers) | "
-              "done_ids s (one file's reader) | its ids MB | done_ids s (every reader) | reader peak MB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "listing s (driver, once) | done_ids s (one file's reader) | its ids MB | reader peak MB | "
+              "done_ids s, every reader | the same, each reader listing the folder |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in resume:
         lines.append(f"| {r['rows']:,} | {r['files']:,} | {r['part_rows']:,} | {r['parts']:,} | {r['count_s']:.1f} | "
-                     f"{r['done_ids_s']:.2f} | {r['ids_mb']:,.0f} | {r['all_readers_s']:.1f} | "
-                     f"{r['peak_mb']:,.0f} |")
+                     f"{r['list_s']:.1f} | {r['done_ids_s']:.2f} | {r['ids_mb']:,.0f} | {r['peak_mb']:,.0f} | "
+                     f"{r['all_readers_s']:.1f} | {r['all_self_listing_s']:.1f} |")
     results_files.write("pipeline", {"meta": meta, "pipeline": pipeline, "resume": resume}, lines)
 
 
@@ -217,7 +243,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="Rows through the echo pipeline per run.")
     parser.add_argument("--actors", default="1,2", help="Engine actor counts to run, comma-separated.")
     parser.add_argument("--batch-size", type=int, default=1024, help="workers.batch_size of the echo runs.")
-    parser.add_argument("--resume-rows", default="1000000,10000000",
+    parser.add_argument("--resume-rows", default="10000000",
                         help="Committed rows of the resume measurements, comma-separated (0: none).")
     parser.add_argument("--part-rows", type=int, default=64,
                         help="Rows per committed part in the resume runs (workers.batch_size's default: 64).")

@@ -1,7 +1,8 @@
 """The input as a Ray Data datasource: one read task per file, streaming rows in small blocks.
 
 Each read task drops the rows a committed part already holds (it loads the done ids of its own file only), so
-resuming never loads the ledger into the driver.
+resuming never loads the ledger into the driver; the driver lists the output folder once and hands each read task
+the names of its file's parts.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ class PromptSource(Datasource):
         return sum(f.size for f in self.files)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        committed = Ledger(self.output).parts_by_source()
         return [
             ReadTask(
                 partial(read_blocks, self.fs, file, self.schema, self.spec, self.output, self.block_rows,
-                        self.expander),
+                        self.expander, committed.get(file.key, [])),
                 BlockMetadata(num_rows=None, size_bytes=file.size, input_files=[file.path], exec_stats=None),
                 schema=pa.unify_schemas([META_SCHEMA, self.schema]),
             )
@@ -41,8 +43,8 @@ class PromptSource(Datasource):
 
 
 def read_blocks(fs, file: InputFile, schema: pa.Schema, spec: InputSpec, output: str, block_rows: int,
-                expander: Expander | None = None):
-    done = Ledger(output).done_ids(file.key)
+                expander: Expander | None = None, parts: list[str] | None = None):
+    done = Ledger(output).done_ids(file.key, parts)
     pending: list[dict] = []
     for row in source_rows(fs, file, spec, expander):
         if row["_gf_id"] in done:

@@ -121,12 +121,24 @@ class Ledger:
             return dataset.head(limit, columns=columns, filter=where)
         return dataset.to_table(columns=columns, filter=where)
 
-    def done_ids(self, source_key: str) -> set[str]:
-        """Ids already committed (as results or errors) for one input file; read by that file's reader only."""
-        done: set[str] = set()
+    def parts_by_source(self) -> dict[str, list[str]]:
+        """Every committed part (results and errors) by the key of the input file its rows came from: one listing of
+        the folder for the whole job, not one per input file (a job of many files and parts would list it again
+        for each)."""
+        found: dict[str, list[str]] = {}
         for errors in (False, True):
-            for part in self.parts(errors, prefix=f"{source_key}-"):
-                done.update(pq.read_table(part, columns=["id"], filesystem=self.fs).column("id").to_pylist())
+            for part in self.parts(errors):
+                found.setdefault(os.path.basename(part).split("-", 1)[0], []).append(part)
+        return found
+
+    def done_ids(self, source_key: str, parts: list[str] | None = None) -> set[str]:
+        """Ids already committed (as results or errors) for one input file; read by that file's reader only.
+        `parts`: the file's committed parts, when the caller listed them already (parts_by_source)."""
+        if parts is None:
+            parts = self.parts(prefix=f"{source_key}-") + self.parts(errors=True, prefix=f"{source_key}-")
+        done: set[str] = set()
+        for part in parts:
+            done.update(pq.read_table(part, columns=["id"], filesystem=self.fs).column("id").to_pylist())
         return done
 
     def count(self) -> DoneCounts:
