@@ -286,9 +286,12 @@ def strike_driver_term(trial: Trial, run: Run) -> tuple[float, Run]:
 def strike_driver_int(trial: Trial, run: Run) -> tuple[float, Run]:
     fired = stop_driver(trial, run, lambda: os.killpg(run.process.pid, signal.SIGINT))
     code, started = run.exit, (trial.job.out / "_genfarm" / "job.json").exists()
+    summary = trial.job.out / "_summary.json"
+    complete = summary.exists() and json.loads(summary.read_text()).get("status") == "complete"
     # Exit 130 once the job runs; an interrupt during Python's own start-up (imports) ends it as Python does, and
-    # one that comes as the job completes may leave it complete (exit 0).
-    if code not in (0, 130) and not (code == -signal.SIGINT and not started):
+    # one that comes as the job completes leaves it complete: exit 0, or Python's own end by SIGINT when it struck
+    # the finished run's shutdown.
+    if code not in (0, 130) and not (code == -signal.SIGINT and (not started or complete)):
         raise Failed(f"Ctrl-C ended the driver with exit {code}, not 130 (see run1.err)")
     if code == 130 and "run the same command again" not in (trial.job.folder / "run1.err").read_text():
         raise Failed("Ctrl-C: exit 130 without saying to run the same command again (see run1.err)")
