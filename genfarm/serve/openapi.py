@@ -17,7 +17,7 @@ from collections.abc import Callable
 from fastapi.openapi.utils import get_openapi
 
 from genfarm.serve.auth import OPEN_PATHS
-from genfarm.serve.patterns import NOT_BLANK
+from genfarm.serve.patterns import NOT_BLANK, branches
 from genfarm.serve.protocol import INT64, SamplingParams
 from genfarm.serve.replica import ReplicaState
 from genfarm.task import task_classes
@@ -82,9 +82,8 @@ def served_model(request: dict, name: str) -> None:
     prop = request.get("properties", {}).get("model")
     if prop is None:
         return
-    for branch in prop.get("anyOf", [prop]):
-        if branch.get("type") == "string":
-            branch["enum"] = [name]
+    for branch in branches(prop, "string"):
+        branch["enum"] = [name]
 
 
 def sample_only_when_several(request: dict, default_temperature: float) -> None:
@@ -107,9 +106,8 @@ def task_request(request: dict, config, task: type) -> None:
         props["n"]["maximum"] = 1
     for name, prop in props.items():
         if name not in SamplingParams.model_fields and name != "model":
-            for branch in prop.get("anyOf", [prop]):
-                if branch.get("type") == "string":
-                    branch["pattern"] = NOT_BLANK
+            for branch in branches(prop, "string"):
+                branch["pattern"] = NOT_BLANK
     task.describe_request(request, config)
 
 
@@ -117,9 +115,7 @@ def exact_bounds(model: dict) -> None:
     """FastAPI writes every bound as a float: integers get theirs back, and the seed's int64 range exactly (as a
     float it would round 2**63 - 1 up, out of range)."""
     for name, prop in model.get("properties", {}).items():
-        for branch in prop.get("anyOf", [prop]):
-            if branch.get("type") != "integer":
-                continue
+        for branch in branches(prop, "integer"):
             for bound in ("minimum", "maximum"):
                 if bound in branch:
                     branch[bound] = int(branch[bound])

@@ -5,6 +5,12 @@ their `describe_request`; no FastAPI here, so importing a task stays light.
 
 from __future__ import annotations
 
+
+def branches(prop: dict, kind: str) -> list[dict]:
+    """The schemas of JSON type `kind` a property may take: its anyOf branches (an optional field's), or itself."""
+    return [branch for branch in prop.get("anyOf", [prop]) if branch.get("type") == kind]
+
+
 WHITESPACE = (  # what str.strip() strips: every character c with c.isspace()
     "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
     "\u2028\u2029\u202f\u205f\u3000"

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from genfarm.quality import Hints
 from genfarm.rows import Prompt, RowError, chat, text_field
-from genfarm.serve.patterns import NOT_BLANK, any_case_of, stripped
+from genfarm.serve.patterns import NOT_BLANK, any_case_of, branches, stripped
 from genfarm.serve.protocol import SamplingParams, Usage
 from genfarm.task import MappedTaskConfig, Online, Route, Task
 from genfarm.translation import languages
@@ -166,13 +166,11 @@ class Reply(Task):
                            for name, kind in (("text", "string"), ("messages", "array"))]
         role = stripped(any_case_of(ROLES))
         customer = stripped(any_case_of(name for name, said in ROLES.items() if said == CUSTOMER))
-        for branch in props["messages"].get("anyOf", [props["messages"]]):
-            if branch.get("type") == "array":
-                # (the message model is a $ref to the shared components: its role is narrowed here, where used)
-                branch["items"] = {"allOf": [branch["items"], {"properties": {"role": {"pattern": role}}}]}
-                branch["contains"] = {"required": ["role", "content"],
-                                      "properties": {"role": {"pattern": customer},
-                                                     "content": {"pattern": NOT_BLANK}}}
+        for branch in branches(props["messages"], "array"):
+            # (the message model is a $ref to the shared components: its role is narrowed here, where used)
+            branch["items"] = {"allOf": [branch["items"], {"properties": {"role": {"pattern": role}}}]}
+            branch["contains"] = {"required": ["role", "content"],
+                                  "properties": {"role": {"pattern": customer}, "content": {"pattern": NOT_BLANK}}}
 
     @property
     def field(self) -> str:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from genfarm.quality import Hints
 from genfarm.rows import Prompt, RowError, text_field
-from genfarm.serve.patterns import any_case_of, stripped
+from genfarm.serve.patterns import any_case_of, branches, stripped
 from genfarm.serve.protocol import SamplingParams, Usage
 from genfarm.spec import JobSpec, Spec
 from genfarm.task import FinishedJob, MappedTaskConfig, Online, Route, Task
@@ -146,9 +146,8 @@ class Translate(Task):
         """Languages genfarm knows; the target is required unless the serve config's tasks.translate names one."""
         props = schema["properties"]
         for name in ("source_language", "target_language"):
-            for branch in props[name].get("anyOf", [props[name]]):
-                if branch.get("type") == "string":
-                    branch["pattern"] = LANGUAGE
+            for branch in branches(props[name], "string"):
+                branch["pattern"] = LANGUAGE
         if config.target_language is None:
             schema.setdefault("required", []).append("target_language")
             props["target_language"] = {"type": "string", "pattern": LANGUAGE,
