@@ -91,28 +91,25 @@ def family(session: int, started: float, mark: tuple[str, str]) -> list[psutil.P
 def kill_all(processes: list[psutil.Process], timeout_s: float = 5) -> list[psutil.Process]:
     """SIGKILL each process and wait for them to go (a zombie is gone: it holds no port and no memory); the ones
     still alive after `timeout_s`."""
+    return _signal_and_wait(processes, psutil.Process.kill, timeout_s)
+
+
+def stop_all(processes: list[psutil.Process], grace_s: float = 1, timeout_s: float = 3) -> list[psutil.Process]:
+    """SIGTERM each process, SIGKILL those still running after `grace_s`; the ones alive after `timeout_s` more."""
+    return kill_all(_signal_and_wait(processes, psutil.Process.terminate, grace_s), timeout_s)
+
+
+def _signal_and_wait(processes: list[psutil.Process], send, timeout_s: float) -> list[psutil.Process]:
+    """`send(process)` for each (one already gone is skipped), then the ones still alive after `timeout_s`."""
     for process in processes:
         try:
-            process.kill()
+            send(process)
         except psutil.Error:
             pass
     deadline = time.monotonic() + timeout_s
     while (left := [p for p in processes if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
-
-
-def stop_all(processes: list[psutil.Process], grace_s: float = 1, timeout_s: float = 3) -> list[psutil.Process]:
-    """SIGTERM each process, SIGKILL those still running after `grace_s`; the ones alive after `timeout_s` more."""
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.Error:
-            pass
-    deadline = time.monotonic() + grace_s
-    while (left := [p for p in processes if alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return kill_all(left, timeout_s)
 
 
 if __name__ == "__main__":
