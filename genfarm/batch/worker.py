@@ -13,13 +13,12 @@ import threading
 from datetime import datetime, timezone
 
 import pyarrow as pa
-from jinja2 import TemplateError
 
 from genfarm.batch.attempts import GreedyAnswers, Sample, Work, generate_checked
 from genfarm.batch.ledger import Ledger, part_name, source_key
 from genfarm.batch.progress import report_tokens
 from genfarm.batch.source import META_COLUMNS
-from genfarm.engine import Engine, EngineDead, PromptTooLong
+from genfarm.engine import ChatTemplateRefused, Engine, EngineDead, PromptTooLong
 from genfarm.models import ResolvedModel
 from genfarm.quality import checks_in_force
 from genfarm.rows import RowError
@@ -124,9 +123,8 @@ class GenerateWorker:
                 sampling, extra, seed = row_sampling(self.job.sampling, self.task.sampling(row))
                 try:
                     text = self.engine.render(prompt.messages, prompt.text)
-                except (ValueError, TemplateError) as err:  # as the online API's 400 invalid_messages
-                    raise RowError("chat_template", f"the model's chat template refuses these messages: {err}") \
-                        from None
+                except ChatTemplateRefused as err:
+                    raise RowError("chat_template", str(err)) from None
                 works.append(Work(row, text, self.engine.encode(text, sampling.max_tokens), sampling, extra, seed))
             except RowError as err:
                 errors.append(self._error(row, err.kind, err.message))

@@ -10,11 +10,12 @@ online    AsyncEngine: vLLM's streaming AsyncLLM for the serve replicas
 from genfarm.engine.batch import Engine, EngineDead
 from genfarm.engine.online import AsyncEngine, InvalidRequest
 from genfarm.engine.outputs import Completion, Generation, to_sampling_params
-from genfarm.engine.prompts import PromptTooLong
+from genfarm.engine.prompts import ChatTemplateRefused, PromptTooLong
 from genfarm.engine.settings import engine_args, prepare_process_env, use_gpu, worker_resources
 
 __all__ = [
     "AsyncEngine",
+    "ChatTemplateRefused",
     "Completion",
     "Engine",
     "EngineDead",

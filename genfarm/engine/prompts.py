@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from jinja2 import TemplateError
+
 from genfarm.spec import EngineSpec
 
 
 class PromptTooLong(ValueError):
     pass
+
+
+class ChatTemplateRefused(ValueError):
+    """The model's chat template refuses these messages (a role it does not take, roles that do not alternate):
+    the online API's 400 invalid_messages, a batch row's chat_template error."""
 
 
 class PromptEncoder:
@@ -21,7 +28,10 @@ class PromptEncoder:
         """The exact prompt text: chat messages through the model's chat template, or a raw prompt as is."""
         if messages is None:
             return text
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except (ValueError, TemplateError) as err:
+            raise ChatTemplateRefused(f"the model's chat template refuses these messages: {err}") from None
 
     def encode(self, prompt: str, max_tokens: int) -> list[int]:
         """Token ids of a rendered prompt; over-long prompts are cut from the left or refused, per the spec."""

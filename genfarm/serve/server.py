@@ -15,10 +15,9 @@ from contextlib import aclosing
 
 import psutil
 from fastapi.responses import StreamingResponse
-from jinja2 import TemplateError
 from ray import serve
 
-from genfarm.engine import AsyncEngine, Completion, InvalidRequest, PromptTooLong, use_gpu
+from genfarm.engine import AsyncEngine, ChatTemplateRefused, Completion, InvalidRequest, PromptTooLong, use_gpu
 from genfarm.rows import Prompt, RowError
 from genfarm.serve import protocol as api
 from genfarm.serve.config import ServeSpec, api_keys
@@ -114,9 +113,8 @@ class GenfarmServer:
         param = param or ("messages" if prompt.messages else "prompt")
         try:
             text = self.engine.render(prompt.messages, prompt.text)
-        except (ValueError, TemplateError) as err:  # the model's chat template refuses these messages
-            raise call.error(APIError(400, f"the model's chat template refuses these messages: {err}", param=param,
-                                      code="invalid_messages")) from None
+        except ChatTemplateRefused as err:
+            raise call.error(APIError(400, str(err), param=param, code="invalid_messages")) from None
         most = self.spec.engine.max_model_len * self.token_chars  # characters any prompt that fits can have
         if len(text) > most:  # refused (or cut) by its length alone, without tokenizing megabytes
             if self.spec.engine.long_prompts == "error":

@@ -5,9 +5,7 @@ writes: those tests run the real vLLM engine."""
 
 from __future__ import annotations
 
-from jinja2 import TemplateError
-
-from genfarm.engine import Completion, Generation, PromptTooLong
+from genfarm.engine import ChatTemplateRefused, Completion, Generation, PromptTooLong
 
 
 class EchoEngine:
@@ -22,7 +20,8 @@ class EchoEngine:
         if messages is None:
             return text
         if any(m["role"] == self.refused_role for m in messages):  # as some models' templates refuse a system role
-            raise TemplateError(f"{self.refused_role} role not supported")
+            raise ChatTemplateRefused(f"the model's chat template refuses these messages: {self.refused_role} role "
+                                      "not supported")
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
 
     def encode(self, prompt: str, max_tokens: int) -> list[int]:
