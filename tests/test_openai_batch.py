@@ -272,8 +272,8 @@ def test_uploads_are_checked_and_limits_answered_in_openai_shape(service):
 
 def test_a_cancelled_batch_returns_the_requests_that_finished(service):
     m = service.model
-    # Enough work that the batch still runs while the next one is refused (a fast machine ends 16 in a second)
-    lines = [chat(f"slow-{i}", m, max_tokens=96, temperature=0) for i in range(48)]
+    # Enough work that the batch still runs after the cancel (a fast machine ran 48 requests of 96 tokens before it)
+    lines = [chat(f"slow-{i}", m, max_tokens=400, temperature=0) for i in range(100)]
     created = running_batch(service, lines)
     with pytest.raises(openai.RateLimitError) as caught:  # batches.max_batches_per_key: 1
         service.client().batches.create(input_file_id=created.input_file_id, endpoint=CHAT, completion_window="24h")
@@ -295,7 +295,8 @@ def test_a_cancelled_batch_returns_the_requests_that_finished(service):
 
 def test_a_batch_survives_the_service_killed_and_started_again(service):
     m = service.model
-    lines = [chat(f"r-{i}", m, max_tokens=64, temperature=0) for i in range(36)]
+    # Enough work that the kill strikes mid-way (a fast machine ran 36 requests of 64 tokens before it)
+    lines = [chat(f"r-{i}", m, max_tokens=256, temperature=0) for i in range(100)]
     created = running_batch(service, lines)
     job = Path(service.config).parent / "store" / "batches" / created.id / "job"
     first_run = json.loads((job / "_genfarm" / "run.json").read_text())["run_id"]

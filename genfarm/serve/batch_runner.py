@@ -95,6 +95,8 @@ class BatchRunner:
                         ray.get(job)
                     except Exception as err:  # noqa: BLE001 - the job's failure is the batch's
                         return self.finish(record, "failed", error=_last_line(err))
+                    # A cancel that came while the last requests finished was answered "cancelling": it ends so
+                    stop = "cancelled" if self.store.cancel_requested(self.id) is not None else None
                     break
                 stop = self.stop_reason(record)
             if stop is not None:
