@@ -245,16 +245,31 @@ def generate(
     seed: Optional[int] = typer.Option(0, "--seed", help="Seed for sampling."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message."),
 ) -> None:
-    """Answer one prompt with the engine in this process (no Ray): a quick check of a model."""
+    """Answer one prompt with the engine in this process (no Ray): a quick check of a model. Only the answer is
+    printed, on stdout; the engine's warnings are left out (set VLLM_LOGGING_LEVEL=WARNING to see vLLM's)."""
+    import logging
+    import os
+    import warnings
+
     from genfarm import models
-    from genfarm.engine import Engine
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.simplefilter("ignore")
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    from genfarm.engine import ChatTemplateRefused, Engine, PromptTooLong
     from genfarm.spec import EngineSpec, SamplingSpec
 
     resolved = models.resolve(model)
     engine = Engine(resolved, EngineSpec())
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     sampling = SamplingSpec(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    result = engine.generate([engine.encode(engine.render(messages, None), max_tokens)], [sampling], [seed])[0]
+    try:
+        prompt_ids = engine.encode(engine.render(messages, None), max_tokens)
+    except ChatTemplateRefused as err:
+        raise UserError("--system", str(err), "leave out --system for this model") from None
+    except PromptTooLong as err:
+        raise UserError("PROMPT", str(err), "shorten the prompt or lower --max-tokens") from None
+    result = engine.generate([prompt_ids], [sampling], [seed])[0]
     if isinstance(result, Exception):
         raise UserError("PROMPT", str(result), "shorten the prompt or choose another model")
     print(result.completions[0].text)

@@ -84,3 +84,19 @@ def test_run_status_inspect_through_the_cli(tmp_path, tiny):
 def test_status_of_a_folder_without_a_job(tmp_path):
     result = genfarm("status", tmp_path)
     assert result.returncode == 2 and "holds no genfarm job" in result.stderr
+
+
+def test_generate_refusals_are_one_line_errors(tmp_path, tiny):
+    """A chat template that refuses the system role (as Gemma's does) and a prompt longer than the model takes."""
+    import shutil
+
+    model = shutil.copytree(tiny, tmp_path / "no-system-model")
+    template = model / "chat_template.jinja"
+    template.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}" + template.read_text())
+    for args, field in ((["--system", "Be brief."], "--system"), (["--max-tokens", "8"], "PROMPT")):
+        prompt = "bees " * (5000 if field == "PROMPT" else 1)
+        result = genfarm("generate", prompt, "--model", model, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: {field}") and "Fix:" in line, result.stderr[-3000:]

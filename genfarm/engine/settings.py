@@ -90,6 +90,7 @@ def prepare_process_env(model: ResolvedModel, spec: EngineSpec, gpu: bool, in_pr
     if not is_hub_model(model):
         os.environ["HF_HUB_OFFLINE"] = "1"  # only a hub model the user named may reach a hub
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is the user's (genfarm generate | ...)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not gpu and in_process:
         # In-process engine on CPU: ~2 s start instead of 12-15 s, and nothing leaks into /dev/shm if Ray kills us.
