@@ -129,7 +129,6 @@ def run_genfarm(model: str, scenario: str, data: list[dict], work: Path, threads
 def run_raydata(model: str, scenario: str, data: list[dict], work: Path, threads: int) -> dict:
     import pandas as pd
     import ray
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from genfarm.engine import prepare_process_env
     from genfarm.local_ray import use_local_ray_env
@@ -147,22 +146,7 @@ def run_raydata(model: str, scenario: str, data: list[dict], work: Path, threads
                         EngineSpec.model_validate({**ENGINE, "cpu_threads": threads}), gpu=False)
     ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    config = vLLMEngineProcessorConfig(
-        model_source=model,
-        engine_kwargs={"max_model_len": ENGINE["max_model_len"], "max_num_seqs": ENGINE["max_num_seqs"],
-                       "kv_cache_memory_bytes": int(ENGINE["kv_cache_gib"] * 2**30), "enforce_eager": True},
-        batch_size=spec["batch_size"], concurrency=1,
-        placement_group_config={"bundles": [{"CPU": 1}]},  # CPU: one bundle, no GPU (see platform notes)
-    )
-    max_tokens = spec["max_tokens"]
-    processor = build_processor(
-        config,
-        # Prompts are built up front: the lambdas are shipped to Ray workers and must not need this module.
-        preprocess=lambda row: {"id": row["id"], "messages": row["messages"],
-                                "sampling_params": {"temperature": 0, "max_tokens": max_tokens}},
-        postprocess=lambda row: {"id": row["id"], "text": row["generated_text"],
-                                 "tokens": row["num_generated_tokens"]},
-    )
+    processor = raydata_processor(model, ENGINE, spec["max_tokens"], spec["batch_size"])
     items = [{"id": r["id"], "messages": messages(scenario, r)} for r in data]
     processor(ray.data.from_items(items)).write_parquet(str(work / "raydata-out"))
     wall = time.monotonic() - t0
@@ -170,6 +154,28 @@ def run_raydata(model: str, scenario: str, data: list[dict], work: Path, threads
     ray.shutdown()
     return {"wall_s": wall, "startup_s": None, "generate_s": None, "tokens": int(df["tokens"].sum()),
             "rows": len(df)}
+
+
+def raydata_processor(model: str, engine: dict, max_tokens: int, batch_size: int, engines: int = 1):
+    """ray.data.llm's processor with genfarm's engine settings: greedy chat, `max_tokens` per answer, `engines`
+    replicas of one CPU bundle each (CPU: no GPU bundle, see platform notes); rows out: id, text, tokens,
+    prompt_tokens."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs={"max_model_len": engine["max_model_len"], "max_num_seqs": engine["max_num_seqs"],
+                       "kv_cache_memory_bytes": int(engine["kv_cache_gib"] * 2**30), "enforce_eager": True},
+        batch_size=batch_size, concurrency=engines, placement_group_config={"bundles": [{"CPU": 1}]},
+    )
+    return build_processor(
+        config,
+        # Prompts are built up front: the lambdas are shipped to Ray workers and must not need this module.
+        preprocess=lambda row: {"id": row["id"], "messages": row["messages"],
+                                "sampling_params": {"temperature": 0, "max_tokens": max_tokens}},
+        postprocess=lambda row: {"id": row["id"], "text": row["generated_text"],
+                                 "tokens": row["num_generated_tokens"], "prompt_tokens": row["num_input_tokens"]},
+    )
 
 
 RUNNERS = {"bare": run_bare, "genfarm": run_genfarm, "raydata": run_raydata}

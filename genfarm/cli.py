@@ -97,7 +97,7 @@ def print_summary(summary: dict) -> None:
         f"[bold]{summary['job_id']}[/] {summary['status']}: {summary['completed_rows']:,} of "
         f"{summary['input_rows']:,} rows generated, {summary['error_rows']:,} errors ({errors})\n"
         f"this run: {summary['run_completion_tokens']:,} tokens in {summary['run_seconds']:.1f}s = "
-        f"{summary['run_tokens_per_second']:,.0f} tok/s\n"
+        f"{summary['run_tokens_per_second']:,.0f} tok/s{prefix_cache_note(summary)}\n"
         f"results: {summary['output']}/*.parquet  (pandas.read_parquet('{summary['output']}'))",
         highlight=False,
     )
@@ -110,6 +110,13 @@ def print_summary(summary: dict) -> None:
                   f"see them with genfarm inspect {summary['output']} --quality", highlight=False)
     if "documents" in summary:
         print_documents(summary["documents"])
+
+
+def prefix_cache_note(summary: dict) -> str:
+    cache = summary.get("run_prefix_cache")  # absent from the summaries of older genfarm versions
+    if not cache or not cache["prompt_tokens"]:
+        return ""
+    return f"; the prefix cache held {cache['hit_rate']:.0%} of {cache['prompt_tokens']:,} prompt tokens"
 
 
 def print_documents(counts: dict) -> None:

@@ -259,6 +259,10 @@ class WorkersSpec(ScaleRange):
     batches_in_flight: int = Field(
         3, ge=1, description="Batches an engine works on at once, so it never idles while one batch finishes."
     )
+    prefix_window: int = Field(
+        4096, ge=0, description="Rows a reader takes at a time and orders by prompt, so rows that share a prompt "
+        "prefix (a document with many questions, a long system prompt) reach one engine together and its prefix "
+        "cache computes the prefix once; 0 keeps the input's order.")
 
 
 class QualitySpec(Spec):

@@ -175,3 +175,31 @@ def test_template_that_fails_on_a_row_is_an_invalid_template_row(tmp_path, tiny)
     summary = run_job(job, show_progress=False)
     assert summary["completed_rows"] == 1 and summary["errors_by_type"] == {"invalid_template": 1}
     assert "ZeroDivisionError" in errors(tmp_path / "out")["message"].iloc[0]
+
+
+@pytest.mark.parametrize("window", [4096, 0])
+def test_rows_sharing_a_prefix_run_together_and_the_summary_counts_prefix_cache_hits(tmp_path, tiny, window):
+    """Six documents with eight questions each, shuffled: ordered by prompt (workers.prefix_window), each document's
+    questions fill one batch of eight, where the engine's prefix cache computes the document once; in the input's
+    order (0) they are spread over many batches."""
+    import random
+
+    rows = [{"id": f"d{d}-q{q}", "question": f"question {q} about it?",
+             "document": f"{d} " + " ".join(["the history of water and music in English"] * 20)}
+            for d in range(6) for q in range(8)]
+    random.Random(3).shuffle(rows)
+    data = write_jsonl(tmp_path / "questions.jsonl", rows)
+    task = {"type": "template", "messages": [{"role": "user", "content": "{{ document }}\n{{ question }}"}]}
+    job = make_job(data, tmp_path / "out", tiny, task=task, engine={"max_model_len": 1024},
+                   sampling={"max_tokens": 4}, workers={"batch_size": 8, "prefix_window": window})
+    summary = run_job(job, show_progress=False)
+    df = results(tmp_path / "out")
+    assert summary["completed_rows"] == 48 and df["id"].is_unique
+    cache = summary["run_prefix_cache"]
+    assert cache["prompt_tokens"] == df["prompt_tokens"].sum() and 0 <= cache["cached_tokens"] < cache["prompt_tokens"]
+    batches_per_document = df.assign(document=df["id"].str[:2]).groupby("document")["started_at"].nunique()
+    if window:
+        assert (batches_per_document == 1).all(), batches_per_document
+        assert cache["hit_rate"] >= 0.5, cache  # the document, computed once for its first question
+    else:
+        assert batches_per_document.max() > 1, batches_per_document

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from genfarm import models
 from genfarm.batch.datasource import PromptSource
 from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
+from genfarm.batch.order import PromptOrder
 from genfarm.batch.progress import JobProgress, LiveTokens
 from genfarm.batch.source import META_COLUMNS, count_work_rows, input_schema, list_inputs
 from genfarm.batch.worker import OWN_COLUMNS, GenerateWorker, record_failures
@@ -168,7 +169,7 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
             record_pass(plan, progress)
         stop_following.set()
     plan.task.finish(FinishedJob(job.output.path, plan.fs, plan.files, job.input, plan.expander, plan.job_id))
-    summary = summarize(plan, time.monotonic() - started, progress.tokens, progress.reused)
+    summary = summarize(plan, time.monotonic() - started, progress)
     plan.store.write_json(SUMMARY, summary)
     return summary
 
@@ -197,11 +198,14 @@ def missing(plan: Plan) -> bool:
     return plan.store.count().rows(plan.job.sampling.n) < plan.total
 
 
-def source(plan: Plan):
+def source(plan: Plan, block_rows: int = 256, order: PromptOrder | None = None):
+    """The rows not yet committed, in blocks of `block_rows` as the read tasks make them; Ray Data does not split
+    them further (override_num_blocks: one read task per file), so a block's rows stay neighbours."""
     import ray
 
-    return ray.data.read_datasource(PromptSource(plan.fs, plan.files, plan.schema, plan.job.input,
-                                                 plan.job.output.path, expander=plan.expander))
+    return ray.data.read_datasource(
+        PromptSource(plan.fs, plan.files, plan.schema, plan.job.input, plan.job.output.path, block_rows=block_rows,
+                     expander=plan.expander, order=order), override_num_blocks=len(plan.files))
 
 
 def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: int) -> None:
@@ -218,7 +222,10 @@ def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: i
     with warnings.catch_warnings():
         # Ray deprecates passing max_restarts/max_task_retries here but offers no other way to bound retries yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        dataset = source(plan).map_batches(
+        window = job.workers.prefix_window
+        # A block per batch: Ray Data hands each batch to the engine actor with the fewest in flight, and a batch
+        # holds neighbouring rows (ordered by prompt unless prefix_window is 0).
+        dataset = source(plan, batch_size, PromptOrder(job.task, window) if window else None).map_batches(
             GenerateWorker,
             fn_constructor_kwargs={"job": job, "model": plan.model, "gpu": gpu, "input_schema": plan.schema,
                                    "job_id": plan.job_id, "run_id": plan.run_id, "live_tokens": plan.live_tokens,
@@ -247,14 +254,16 @@ def record_pass(plan: Plan, progress: JobProgress) -> None:
 def consume(dataset, progress: JobProgress) -> None:
     for stats in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         progress.update(*(sum(stats[name].to_pylist())
-                          for name in ("rows", "completion_tokens", "errors", "flagged", "reused")))
+                          for name in ("rows", "completion_tokens", "errors", "flagged", "reused",
+                                       "engine_prompt_tokens", "cached_prompt_tokens")))
 
 
-def summarize(plan: Plan, seconds: float, run_tokens: int, run_reused: int = 0) -> dict:
+def summarize(plan: Plan, seconds: float, run: JobProgress) -> dict:
     """Counts over every committed part (this run and earlier ones), timing of this run, and the task's own."""
     store, n = plan.store, plan.job.sampling.n
     counts = store.count()
     completed = counts.results // n
+    run_tokens = run.tokens
     return {
         "job_id": plan.job_id,
         "status": "complete" if completed + counts.errors >= plan.total else "incomplete",
@@ -268,7 +277,10 @@ def summarize(plan: Plan, seconds: float, run_tokens: int, run_reused: int = 0) 
         "run_seconds": round(seconds, 2),
         "run_completion_tokens": run_tokens,
         "run_tokens_per_second": round(run_tokens / seconds, 1) if seconds else 0.0,
-        "run_reused_answers": run_reused,  # greedy prompts answered again without generating (identical prompts)
+        "run_reused_answers": run.reused,  # greedy prompts answered again without generating (identical prompts)
+        # prompt tokens the engines took in this run, and the share their prefix caches held (workers.prefix_window)
+        "run_prefix_cache": {"prompt_tokens": run.prompt_tokens, "cached_tokens": run.cached_tokens,
+                             "hit_rate": round(run.cached_tokens / run.prompt_tokens, 3) if run.prompt_tokens else 0.0},
         "output": store.uri,
         "quality": quality_counts(store, plan.job.sampling.n),
         **plan.task.summary(store),

@@ -47,6 +47,7 @@ class JobProgress:
         self.total, self.done, self.tokens, self.errors, self.flagged = total, already_done, 0, 0, 0
         self.tokens_live = 0  # the engines' running estimate; the exact count comes with each batch's stats
         self.reused = 0  # greedy answers given again to identical prompts
+        self.prompt_tokens = self.cached_tokens = 0  # what the engines took in, and what their prefix caches held
         self.console = Console(stderr=True)
         self.live = enabled and self.console.is_terminal
         self.enabled = enabled
@@ -69,8 +70,11 @@ class JobProgress:
         if self.live:
             self.bar.stop()
 
-    def update(self, rows: int, tokens: int, errors: int, flagged: int = 0, reused: int = 0) -> None:
+    def update(self, rows: int, tokens: int, errors: int, flagged: int = 0, reused: int = 0, prompt_tokens: int = 0,
+               cached_tokens: int = 0) -> None:
         self.reused += reused
+        self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
         self.done += rows
         self.tokens += tokens
         self.errors += errors

@@ -34,6 +34,8 @@ STATS_SCHEMA = pa.schema([
     ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
     ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("flagged", pa.int64()),
     ("reused", pa.int64()),  # greedy answers given again to an identical prompt instead of generated again
+    ("engine_prompt_tokens", pa.int64()),  # prompt tokens the engine took (every attempt), and those its prefix
+    ("cached_prompt_tokens", pa.int64()),  # cache already held
 ])
 SAMPLING_TYPE = pa.struct([("temperature", pa.float64()), ("top_p", pa.float64()), ("max_tokens", pa.int64()),
                            ("n", pa.int64()), ("seed", pa.int64()), ("stop", pa.list_(pa.string()))])
@@ -106,6 +108,7 @@ class GenerateWorker:
         self.checks = checks_in_force(job.quality, self.task.quality_defaults)
         self.answers = GreedyAnswers()
         self.engine = engine or Engine(model, job.engine, gpu)
+        self._prefill_lock, self._prefill_reported = threading.Lock(), (0, 0)
         if live_tokens is not None:
             threading.Thread(target=report_tokens, args=(self.engine, live_tokens, threading.Event()),
                              name="genfarm-live-tokens", daemon=True).start()
@@ -151,7 +154,16 @@ class GenerateWorker:
         self._check_run()
         commit(self.ledger, rows, results, errors, self.schema)
         return stats_row(len(rows), results, errors, sum(w.generated_tokens for w in works),
-                         self.answers.reused - reused_before)
+                         self.answers.reused - reused_before, self._prefill_since_last())
+
+    def _prefill_since_last(self) -> tuple[int, int]:
+        """The engine's prompt tokens (and prefix-cached ones) since the last batch reported them. Batches run
+        concurrently, so one batch's figure may hold another's requests; the job's sums are exact all the same."""
+        with self._prefill_lock:
+            now_seen = (self.engine.prompt_tokens_seen, self.engine.prompt_tokens_cached)
+            since = (now_seen[0] - self._prefill_reported[0], now_seen[1] - self._prefill_reported[1])
+            self._prefill_reported = now_seen
+        return since
 
     def _failure(self, work: Work) -> tuple[str, str] | None:
         """(error type, message) when a row ends as an error row rather than results."""
@@ -225,7 +237,7 @@ def commit(ledger: Ledger, rows: list[dict], results: list[dict], errors: list[d
 
 
 def stats_row(rows: int, results: list[dict], errors: list[dict], generated_tokens: int | None = None,
-              reused: int = 0) -> pa.Table:
+              reused: int = 0, prefill: tuple[int, int] = (0, 0)) -> pa.Table:
     """The counts the driver's progress display gets; `generated_tokens` counts every attempt (engine work)."""
     return pa.Table.from_pylist([{
         "rows": rows, "results": len(results), "errors": len(errors),
@@ -233,7 +245,7 @@ def stats_row(rows: int, results: list[dict], errors: list[dict], generated_toke
         "completion_tokens": sum(r["completion_tokens"] for r in results) if generated_tokens is None
         else generated_tokens,
         "flagged": sum(1 for r in results if r["quality"] and r["sample_index"] == 0),
-        "reused": reused,
+        "reused": reused, "engine_prompt_tokens": prefill[0], "cached_prompt_tokens": prefill[1],
     }], schema=STATS_SCHEMA)
 
 

@@ -24,6 +24,8 @@ class Engine(PromptEncoder):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._init_error: BaseException | None = None
         self.tokens_estimate = 0  # tokens generated so far, estimated step by step (see _run)
+        self.prompt_tokens_seen = 0  # prompt tokens of finished requests, and those vLLM's prefix cache served
+        self.prompt_tokens_cached = 0
         ready = threading.Event()
         self._loop = threading.Thread(target=self._run, args=(engine_args(model, spec, gpu), ready),
                                       name="genfarm-engine-loop", daemon=True)
@@ -96,6 +98,8 @@ class Engine(PromptEncoder):
                 for output in outputs:
                     if output.finished and output.request_id in pending:
                         batch, index, _ = pending.pop(output.request_id)
+                        self.prompt_tokens_seen += len(output.prompt_token_ids or ())
+                        self.prompt_tokens_cached += output.num_cached_tokens or 0
                         batch.set(index, to_generation(output))
                 if timeout is not None:
                     now = time.monotonic()

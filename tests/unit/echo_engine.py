@@ -15,6 +15,7 @@ class EchoEngine:
         self.vocabulary: list[str] = []
         self.word_ids: dict[str, int] = {}
         self.tokens_estimate = 0  # what an engine actor reports to the job's live token count
+        self.prompt_tokens_seen = self.prompt_tokens_cached = 0  # an echo has no prefix cache: nothing cached
 
     def render(self, messages: list[dict] | None, text: str | None) -> str:
         if messages is None:
@@ -43,6 +44,7 @@ class EchoEngine:
                 results.append(ValueError(f"echo engine refuses {self.fail_on!r}"))
                 continue
             self.tokens_estimate += len(words) * spec.n
+            self.prompt_tokens_seen += len(ids)
             completions = [Completion(" ".join(words), "length" if len(words) == spec.max_tokens else "stop",
                                       len(words), n) for n in range(spec.n)]
             results.append(Generation(len(ids), completions))
