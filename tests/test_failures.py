@@ -20,12 +20,15 @@ from genfarm.batch.progress import JobProgress
 
 
 def engine_actor_pids() -> list[int]:
+    """Engine actors of this test process's own Ray (its raylet's workers), not of any other job on the machine."""
+    import psutil
+
     pids = []
-    for proc in Path("/proc").iterdir():
+    for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.name.isdigit() and b"GenerateWorker" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
+            if "GenerateWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
             continue
     return pids
 
