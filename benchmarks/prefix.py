@@ -1,7 +1,7 @@
 """Shared prompt prefixes: genfarm's prefix-aware order vs the same job prefix-blind vs ray.data.llm, two engines.
 
-    python -m benchmarks.prefix                          # 64 documents x 16 questions, two rounds
-    python -m benchmarks.prefix --documents 16 --rounds 1
+    python -m benchmarks.prefix                          # 24 documents x 16 questions, two rounds
+    python -m benchmarks.prefix --documents 64 --words 300 --rounds 1
 
 The scenario content teams run every day: many questions about each document (or many rows under one long system
 prompt and glossary). Each row's prompt is the document, then its question; the rows are shuffled, as a dataset
@@ -221,9 +221,9 @@ def plot(results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--documents", type=int, default=64, help="Documents in the job.")
+    parser.add_argument("--documents", type=int, default=24, help="Documents in the job.")
     parser.add_argument("--questions", type=int, default=16, help="Questions about each document (rows each).")
-    parser.add_argument("--words", type=int, default=300, help="Words of each document (the shared prefix).")
+    parser.add_argument("--words", type=int, default=400, help="Words of each document (the shared prefix).")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="Comma-separated subset of " + ",".join(SYSTEMS))
     parser.add_argument("--rounds", type=int, default=2, help="Times each system runs, in alternating order.")
     parser.add_argument("--one", nargs=2, metavar=("SYSTEM", "OUT"), help=argparse.SUPPRESS)

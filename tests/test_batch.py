@@ -180,8 +180,8 @@ def test_template_that_fails_on_a_row_is_an_invalid_template_row(tmp_path, tiny)
 @pytest.mark.parametrize("window", [4096, 0])
 def test_rows_sharing_a_prefix_run_together_and_the_summary_counts_prefix_cache_hits(tmp_path, tiny, window):
     """Six documents with eight questions each, shuffled: ordered by prompt (workers.prefix_window), each document's
-    questions fill one batch of eight, where the engine's prefix cache computes the document once; in the input's
-    order (0) they are spread over many batches."""
+    questions run in one or two batches of eight (Ray Data cuts batches from the ordered rows, not at documents),
+    where the engine's prefix cache computes the document once; in the input's order (0) they are spread wider."""
     import random
 
     rows = [{"id": f"d{d}-q{q}", "question": f"question {q} about it?",
@@ -199,7 +199,7 @@ def test_rows_sharing_a_prefix_run_together_and_the_summary_counts_prefix_cache_
     assert cache["prompt_tokens"] == df["prompt_tokens"].sum() and 0 <= cache["cached_tokens"] < cache["prompt_tokens"]
     batches_per_document = df.assign(document=df["id"].str[:2]).groupby("document")["started_at"].nunique()
     if window:
-        assert (batches_per_document == 1).all(), batches_per_document
+        assert batches_per_document.max() <= 2, batches_per_document
         assert cache["hit_rate"] >= 0.5, cache  # the document, computed once for its first question
     else:
-        assert batches_per_document.max() > 1, batches_per_document
+        assert batches_per_document.max() > 2, batches_per_document

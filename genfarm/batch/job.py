@@ -198,14 +198,14 @@ def missing(plan: Plan) -> bool:
     return plan.store.count().rows(plan.job.sampling.n) < plan.total
 
 
-def source(plan: Plan, block_rows: int = 256, order: PromptOrder | None = None):
-    """The rows not yet committed, in blocks of `block_rows` as the read tasks make them; Ray Data does not split
-    them further (override_num_blocks: one read task per file), so a block's rows stay neighbours."""
+def source(plan: Plan, order: PromptOrder | None = None):
+    """The rows not yet committed. Ray Data splits a read task's output into small pieces in order and bundles
+    them into batches for whichever engine actor is free, so a batch holds neighbouring rows, and a run of rows
+    (ordered by prompt, with `order`) ends up in one or two batches."""
     import ray
 
-    return ray.data.read_datasource(
-        PromptSource(plan.fs, plan.files, plan.schema, plan.job.input, plan.job.output.path, block_rows=block_rows,
-                     expander=plan.expander, order=order), override_num_blocks=len(plan.files))
+    return ray.data.read_datasource(PromptSource(plan.fs, plan.files, plan.schema, plan.job.input,
+                                                 plan.job.output.path, expander=plan.expander, order=order))
 
 
 def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: int) -> None:
@@ -223,9 +223,7 @@ def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: i
         # Ray deprecates passing max_restarts/max_task_retries here but offers no other way to bound retries yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         window = job.workers.prefix_window
-        # A block per batch: Ray Data hands each batch to the engine actor with the fewest in flight, and a batch
-        # holds neighbouring rows (ordered by prompt unless prefix_window is 0).
-        dataset = source(plan, batch_size, PromptOrder(job.task, window) if window else None).map_batches(
+        dataset = source(plan, PromptOrder(job.task, window) if window else None).map_batches(
             GenerateWorker,
             fn_constructor_kwargs={"job": job, "model": plan.model, "gpu": gpu, "input_schema": plan.schema,
                                    "job_id": plan.job_id, "run_id": plan.run_id, "live_tokens": plan.live_tokens,
