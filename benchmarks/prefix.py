@@ -211,6 +211,9 @@ def plot(results: list[dict]) -> None:
     prefill.bar(names, [r["prompt_tokens"] for r in results], color="lightgray", label="prompt tokens")
     prefill.bar(names, [r["computed_prompt_tokens"] or 0 for r in results], color="tab:orange",
                 label="computed (not from the prefix cache)")
+    for x, r in enumerate(results):
+        if r["computed_prompt_tokens"] is None:
+            prefill.text(x, r["prompt_tokens"] / 2, "cache figures\nnot reported", ha="center", fontsize=8)
     prefill.set_title("prefill work", fontsize=10)
     prefill.legend(fontsize=8)
     for ax in (speed, prefill):
