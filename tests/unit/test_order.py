@@ -1,5 +1,6 @@
 """Prefix-aware order (genfarm/batch/order.py): a read task's window of rows comes out ordered by prompt, so rows that
-share a prefix sit together; rows are never lost, repeated or reordered across windows."""
+share a prefix sit together; a window whose rows share nothing beyond their common start keeps the input's order;
+rows are never lost, repeated or moved across windows."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def questions_task():
 
 
 def rows(documents: int, questions: int, seed: int = 0) -> list[dict]:
-    made = [{"_gf_id": f"d{d}-q{q}", "_gf_error": None, "document": f"document {d} " + "words " * (d % 5),
+    made = [{"_gf_id": f"d{d}-q{q}", "_gf_error": None, "document": f"document {d} " + "words " * (60 + d % 5),
              "question": f"question {q}?"} for d in range(documents) for q in range(questions)]
     random.Random(seed).shuffle(made)
     return made
@@ -67,3 +68,17 @@ def test_the_order_travels_to_read_tasks_without_its_built_task():
     assert copy._task is None and copy.window_rows == 8
     ids = [[r["_gf_id"] for r in each.arrange(iter(rows(2, 2)))] for each in (copy, order)]
     assert ids[0] == ids[1]
+
+
+def test_rows_that_share_only_the_common_start_keep_the_input_order():
+    """One long system prompt over varied topics (an article job): nothing to gain, so nothing moves."""
+    job = JobSpec.model_validate({
+        "input": {"path": "unused.jsonl"}, "output": {"path": "out"}, "model": {"name": "tiny"},
+        "task": {"type": "template", "messages": [
+            {"role": "system", "content": "You are a careful writer. " * 40},
+            {"role": "user", "content": "Write about {{ topic }}."}]},
+    })
+    topics = [{"_gf_id": f"t{i}", "_gf_error": None, "topic": f"topic number {(i * 7) % 50}"} for i in range(50)]
+    topics.insert(3, {"_gf_id": "bad", "_gf_error": "bad_json: not JSON"})  # sorts first, shares nothing
+    ordered = list(PromptOrder(job.task, window_rows=4096).arrange(iter(topics)))
+    assert [r["_gf_id"] for r in ordered] == [r["_gf_id"] for r in topics]
