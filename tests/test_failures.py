@@ -100,7 +100,8 @@ def cli_job(tmp_path, tiny, n_rows: int):
 
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
 def test_driver_stopped_mid_job_then_same_command_finishes(tmp_path, tiny, how):
-    rows, command = cli_job(tmp_path, tiny, 200)
+    # Enough rows that the job still runs when it is stopped: a quiet machine generated 200 of them in 3 s
+    rows, command = cli_job(tmp_path, tiny, 800)
     out = tmp_path / "out"
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(committed_parts(out)) >= 2 or driver.poll() is not None, what="two committed parts")
