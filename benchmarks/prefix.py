@@ -3,10 +3,10 @@
     python -m benchmarks.prefix                          # 24 documents x 16 questions, two rounds
     python -m benchmarks.prefix --documents 64 --words 300 --rounds 1
 
-The scenario content teams run every day: many questions about each document (or many rows under one long system
-prompt and glossary). Each row's prompt is the document, then its question; the rows are shuffled, as a dataset
-joined from several sources is. Two engines (each on one thread, beside Ray), the same engine settings, greedy, a
-few tokens per answer, so the documents' prefill is most of the work:
+The scenario content teams run every day: many questions about each document. Each row's prompt is the document,
+then its question; the rows are shuffled, as a dataset joined from several sources is. Two engines (each on one
+thread, beside Ray), the same engine settings, greedy, a few tokens per answer, so the documents' prefill is most
+of the work:
   genfarm        a genfarm batch job with workers.prefix_window at its default: each reader window is ordered by
                  prompt, so a document's questions reach one engine together and its prefix cache computes the
                  document once

@@ -261,7 +261,6 @@ def summarize(plan: Plan, seconds: float, run: JobProgress) -> dict:
     store, n = plan.store, plan.job.sampling.n
     counts = store.count()
     completed = counts.results // n
-    run_tokens = run.tokens
     return {
         "job_id": plan.job_id,
         "status": "complete" if completed + counts.errors >= plan.total else "incomplete",
@@ -273,8 +272,8 @@ def summarize(plan: Plan, seconds: float, run: JobProgress) -> dict:
         "prompt_tokens": store.column_sum("prompt_tokens") // n,  # each sample row repeats it
         "completion_tokens": store.column_sum("completion_tokens"),
         "run_seconds": round(seconds, 2),
-        "run_completion_tokens": run_tokens,
-        "run_tokens_per_second": round(run_tokens / seconds, 1) if seconds else 0.0,
+        "run_completion_tokens": run.tokens,
+        "run_tokens_per_second": round(run.tokens / seconds, 1) if seconds else 0.0,
         "run_reused_answers": run.reused,  # greedy prompts answered again without generating (identical prompts)
         # prompt tokens the engines took in this run, and the share their prefix caches held (workers.prefix_window)
         "run_prefix_cache": {"prompt_tokens": run.prompt_tokens, "cached_tokens": run.cached_tokens,
