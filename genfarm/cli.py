@@ -128,12 +128,14 @@ def print_documents(counts: dict) -> None:
 @app.command()
 def status(output: str = typer.Argument(..., help="A job's output folder.")) -> None:
     """Show how far a job got: rows committed, errors, and whether it is complete."""
+    from genfarm.batch import compact
     from genfarm.batch.ledger import SUMMARY, Ledger
     from genfarm.spec import JobSpec
     from genfarm.task import make_task
 
     store = Ledger(output)
     manifest = store.manifest()
+    compact.finish(store)  # a merge of parts that a crash interrupted would count rows twice
     summary = store.read_json(SUMMARY) or {}
     counts = store.count()
     n = manifest["spec"]["sampling"]["n"]

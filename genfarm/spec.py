@@ -299,6 +299,8 @@ class QualitySpec(Spec):
 class OutputSpec(Spec):
     path: str = Field(description="Output folder (local path or URI); results are OUTPUT/*.parquet.")
     storage_options: StorageOptions = Field(default_factory=dict, description="For a URI: as input.storage_options.")
+    compact: bool = Field(True, description="When the job ends, merge each input file's parts (one per batch) into "
+                          "parts of up to 128 MiB; false keeps one part per batch.")
 
     @model_validator(mode="after")
     def _located(self) -> OutputSpec:

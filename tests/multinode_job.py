@@ -86,14 +86,14 @@ def change_cluster(net: Network, layout: dict, workers: dict[str, str], store: L
     if running.done():
         running.result()  # re-raise the job's own error, if any
         raise SystemExit("the job finished before the cluster changed: give it more rows or longer outputs")
-    parts_before = len(store.parts())
+    rows_before = store.count().results
     if layout["change"] == "add":
         index = len(workers)  # the spare namespace: one more than the nodes started first
         (address, node), = join(net, [index], layout).items()
     else:
         address, node = last, workers[last]
         net.kill(list(workers).index(last))  # its raylet and every process on it, like a machine that is lost
-    return {"kind": layout["change"], "node": node, "address": address, "parts_before": parts_before,
+    return {"kind": layout["change"], "node": node, "address": address, "rows_before": rows_before,
             "job_running": not running.done()}
 
 

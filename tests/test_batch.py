@@ -31,6 +31,9 @@ def test_article_job_writes_every_row_with_provenance(tmp_path, tiny):
     assert summary["status"] == "complete"
     assert (summary["input_rows"], summary["completed_rows"], summary["error_rows"]) == (40, 40, 0)
     assert sorted(df["id"]) == [f"t{i:03d}" for i in range(40)]
+    merged = summary["compacted_parts"]  # a part per batch of 8 while the job ran, merged when it ended
+    assert merged["before"] >= 5 and merged["after"] == 1
+    assert len([p for p in os.listdir(tmp_path / "out") if p.endswith(".parquet")]) == 1
     for column in ("topic", "prompt", "output_text", "title", "sample_index", "finish_reason", "prompt_tokens",
                    "completion_tokens", "model", "model_revision", "sampling", "job_id", "worker_id", "node_id",
                    "source_file", "source_row", "started_at", "finished_at"):
@@ -103,7 +106,7 @@ def test_long_prompts_can_be_truncated(tmp_path, tiny):
 def test_resume_generates_only_missing_rows_and_never_repeats_one(tmp_path, tiny):
     data = write_jsonl(tmp_path / "topics.jsonl", topics(40))
     out = tmp_path / "out"
-    job = make_job(data, out, tiny, workers={"batch_size": 8})
+    job = make_job(data, out, tiny, workers={"batch_size": 8}, output={"compact": False})  # a part per batch
     run_job(job, show_progress=False)
     parts = sorted(p for p in os.listdir(out) if p.endswith(".parquet"))
     assert len(parts) >= 5  # at least one per batch of 8

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import pyarrow.compute as pc
 
 from genfarm import models
+from genfarm.batch import compact
 from genfarm.batch.datasource import PromptSource
 from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
 from genfarm.batch.order import PromptOrder
@@ -53,6 +54,7 @@ def fingerprint(parts: dict) -> str:
 
 def check_resume(store: Ledger, parts: dict, restart: bool) -> dict:
     """Load or create the job manifest; refuse to mix outputs of different settings in one folder."""
+    compact.finish(store)  # a merge of parts that a crash interrupted
     manifest = store.read_json(MANIFEST)
     if manifest and restart:
         kept = store.move_aside(_stamp())
@@ -169,7 +171,9 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
             record_pass(plan, progress)
         stop_following.set()
     plan.task.finish(FinishedJob(job.output.path, plan.fs, plan.files, job.input, plan.expander, plan.job_id))
-    summary = summarize(plan, time.monotonic() - started, progress)
+    # A task that writes each part in another format too (OpenAI batch files) keeps its parts as they are.
+    merged = compact.compact(plan.store) if job.output.compact and not plan.task.sinks(job.output.path) else None
+    summary = summarize(plan, time.monotonic() - started, progress, merged)
     plan.store.write_json(SUMMARY, summary)
     return summary
 
@@ -184,6 +188,7 @@ def retry_errors(output: str, types: list[str] | None, show_progress: bool = Tru
     """Generate the error rows of a job again (all, or those of some types), with the job's own settings."""
     store = Ledger(output)
     manifest = store.manifest()
+    compact.finish(store)
     job = JobSpec.model_validate(manifest["spec"])
     list_inputs(job.input)  # the input must still be there before any error row is taken back
     taken = store.take_errors(types, _stamp())
@@ -256,7 +261,7 @@ def consume(dataset, progress: JobProgress) -> None:
                                        "engine_prompt_tokens", "cached_prompt_tokens")))
 
 
-def summarize(plan: Plan, seconds: float, run: JobProgress) -> dict:
+def summarize(plan: Plan, seconds: float, run: JobProgress, merged: compact.Compacted | None = None) -> dict:
     """Counts over every committed part (this run and earlier ones), timing of this run, and the task's own."""
     store, n = plan.store, plan.job.sampling.n
     counts = store.count()
@@ -279,6 +284,8 @@ def summarize(plan: Plan, seconds: float, run: JobProgress) -> dict:
         "run_prefix_cache": {"prompt_tokens": run.prompt_tokens, "cached_tokens": run.cached_tokens,
                              "hit_rate": round(run.cached_tokens / run.prompt_tokens, 3) if run.prompt_tokens else 0.0},
         "output": store.uri,
+        # parts in the folder before and after this run merged them (output.compact), or null if it did not
+        "compacted_parts": {"before": merged.parts_before, "after": merged.parts_after} if merged else None,
         "quality": quality_counts(store, plan.job.sampling.n),
         **plan.task.summary(store),
         "finished_at": _now(),

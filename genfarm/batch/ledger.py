@@ -105,10 +105,15 @@ class Ledger:
     # --- reading ---------------------------------------------------------------------------------------------
     def parts(self, errors: bool = False, prefix: str = "", folder: str | None = None) -> list[str]:
         """Committed Parquet parts: results, error rows, or those of a task's own `folder` (e.g. _documents)."""
+        return [path for path, _ in self.part_sizes(errors, prefix, folder)]
+
+    def part_sizes(self, errors: bool = False, prefix: str = "", folder: str | None = None) -> list[tuple[str, int]]:
+        """(path, bytes) of each committed part, as `parts` lists them."""
         folder = self.path(folder) if folder else self.path(ERRORS) if errors else self.root
         selector = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
-        names = [info.path for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
-        return sorted(p for p in names if p.endswith(".parquet") and os.path.basename(p).startswith(prefix))
+        return sorted((info.path, info.size) for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File and info.path.endswith(".parquet")
+                      and os.path.basename(info.path).startswith(prefix))
 
     def read(self, columns: list[str] | None = None, errors: bool = False, where=None, limit: int | None = None,
              folder: str | None = None) -> pa.Table | None:
