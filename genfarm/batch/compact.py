@@ -13,6 +13,7 @@ calls `finish`, which deletes the replaced parts if the merged one appeared, or 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ from genfarm.storage import atomic_path
 TARGET_BYTES = 128 * 2**20  # what analytics engines read well; parts already half this size are left alone
 ROW_GROUP_ROWS = 16_384  # rows per row group of a merged part, so a reader is not handed 64-row groups
 NOTE = f"{META}/compacting.json"
+PART_NAME = re.compile(r"[0-9a-f]{12}-[0-9]{9,}-[0-9a-f]{10}\.parquet")  # ledger.part_name
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,13 @@ def compact(ledger: Ledger, target_bytes: int = TARGET_BYTES) -> Compacted:
 
 def runs(sizes: list[tuple[str, int]], target_bytes: int) -> list[list[str]]:
     """Neighbouring small parts (in name order: input file, then first row) of one input file, up to
-    `target_bytes` together; runs of one part are left out, as there is nothing to merge."""
+    `target_bytes` together; runs of one part are left out, as there is nothing to merge. Files not named as the
+    ledger names parts are never touched."""
     found: list[list[str]] = [[]]
     total, key = 0, None
     for path, size in sizes:
         part_key = os.path.basename(path).split("-", 1)[0]
-        small = size < target_bytes // 2
+        small = size < target_bytes // 2 and PART_NAME.fullmatch(os.path.basename(path)) is not None
         if not small or part_key != key or total + size > target_bytes:
             found.append([])
             total = 0
@@ -66,27 +69,43 @@ def runs(sizes: list[tuple[str, int]], target_bytes: int) -> list[list[str]]:
 
 
 def merge(ledger: Ledger, parts: list[str], errors: bool) -> bool:
-    """Write `parts` as one part, then delete them; parts of different schemas are left as they are."""
-    fs = ledger.fs
-    schema = pq.read_schema(parts[0], filesystem=fs)
-    if any(not pq.read_schema(p, filesystem=fs).equals(schema, check_metadata=False) for p in parts[1:]):
-        return False
-    ids = [i for p in parts for i in pq.read_table(p, columns=["id"], filesystem=fs).column("id").to_pylist()]
+    """Write `parts` as one part (each read once), then delete them; parts of different schemas stay as they are."""
     key, first, _ = os.path.basename(parts[0]).split("-", 2)
-    name = part_name(key, int(first), ids)
-    ledger.write_json(NOTE, {"part": name, "errors": errors, "replaces": [os.path.basename(p) for p in parts]})
-    with atomic_path(fs, ledger.part_path(name, errors), ledger.tmp_dir) as path, \
-            pq.ParquetWriter(path, schema, filesystem=fs) as writer:
-        pending: list[pa.Table] = []
+    replaced = [os.path.basename(p) for p in parts]
+    name = part_name(key, int(first), replaced)  # named after the parts it replaces, which are named after their rows
+    ledger.write_json(NOTE, {"part": name, "errors": errors, "replaces": replaced})
+    try:
+        with atomic_path(ledger.fs, ledger.part_path(name, errors), ledger.tmp_dir) as path:
+            write_merged(ledger.fs, parts, path)
+    except SchemaMismatch:
+        finish(ledger)  # the merged part never appeared: the note goes, the parts stay
+        return False
+    finish(ledger)
+    return True
+
+
+class SchemaMismatch(Exception):
+    pass
+
+
+def write_merged(fs, parts: list[str], path: str) -> None:
+    writer, pending = None, []
+    try:
         for part in parts:
-            pending.append(pq.read_table(part, filesystem=fs))
+            table = pq.read_table(part, filesystem=fs)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema, filesystem=fs)
+            elif not table.schema.equals(writer.schema, check_metadata=False):
+                raise SchemaMismatch(part)
+            pending.append(table)
             if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
                 writer.write_table(pa.concat_tables(pending))
                 pending = []
         if pending:
             writer.write_table(pa.concat_tables(pending))
-    finish(ledger)
-    return True
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def finish(ledger: Ledger) -> None:

@@ -58,12 +58,13 @@ def test_large_parts_and_target_size_bound_the_merges(tmp_path):
     assert len(store.parts()) == 3
 
 
-def test_parts_of_other_schemas_are_left_as_they_are(tmp_path):
+def test_parts_of_other_schemas_and_files_not_named_as_parts_are_left_alone(tmp_path):
     store = folder(tmp_path / "out", files=1, parts=2)
     ids = ["odd"]
     store.commit(pa.table({"id": ids, "output_text": [1]}), part_name(source_key("input-0.jsonl"), 500, ids))
+    pq.write_table(pa.table({"id": ["mine"], "output_text": ["a file the user put here"]}), store.path("mine.parquet"))
     compact.compact(store)
-    assert len(store.parts()) == 3 and len(committed(store)[0]) == 17
+    assert len(store.parts()) == 4 and len(committed(store)[0]) == 18  # nothing merged, nothing lost
 
 
 class Crash(Exception):
