@@ -269,7 +269,7 @@ def generate(
     from genfarm.spec import EngineSpec, SamplingSpec
 
     resolved = models.resolve(model)
-    engine = Engine(resolved, EngineSpec())
+    engine = Engine(resolved, EngineSpec(vllm={"use_tqdm_on_load": False}))  # no weight-loading bar on the screen
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     sampling = SamplingSpec(max_tokens=max_tokens, temperature=temperature, seed=seed)
     try:
