@@ -312,7 +312,7 @@ def plot(results: list[dict]) -> None:
         ax.bar([i - 0.2 for i in x], [r["tokens_per_s"] for r in ok], width=0.4, label="whole run")
         ax.bar([i + 0.2 for i in x], [r.get("generate_tokens_per_s") or 0 for r in ok], width=0.4,
                label="generation phase")
-        ax.set_xticks(list(x), [r["system"] for r in ok])
+        ax.set_xticks(list(x), [r["system"] for r in ok], rotation=15, fontsize=8)
         ax.set_ylabel("generated tokens/s")
         ax.set_title(f"{layout}: {scenario} ({ok[0]['prompts'] if ok else 0} prompts)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
