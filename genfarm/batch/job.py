@@ -171,11 +171,23 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
             record_pass(plan, progress)
         stop_following.set()
     plan.task.finish(FinishedJob(job.output.path, plan.fs, plan.files, job.input, plan.expander, plan.job_id))
-    # A task that writes each part in another format too (OpenAI batch files) keeps its parts as they are.
-    merged = compact.compact(plan.store) if job.output.compact and not plan.task.sinks(job.output.path) else None
-    summary = summarize(plan, time.monotonic() - started, progress, merged)
+    summary = summarize(plan, time.monotonic() - started, progress, merge_parts(plan))
     plan.store.write_json(SUMMARY, summary)
     return summary
+
+
+def merge_parts(plan: Plan) -> compact.Compacted | None:
+    """Merge the job's parts (output.compact). A task that writes each part in another format too (OpenAI batch
+    files) keeps its parts as they are. The rows are committed whatever happens here, so a store that fails now
+    costs the merge, not the job: the next run on the folder merges them."""
+    if not plan.job.output.compact or plan.task.sinks(plan.job.output.path):
+        return None
+    try:
+        return compact.compact(plan.store)
+    except OSError as err:
+        logging.getLogger("genfarm").warning("parts of %s not merged (%s); the results are complete",
+                                             plan.store.uri, err)
+        return None
 
 
 def live_token_counter():
