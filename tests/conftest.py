@@ -45,8 +45,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def make_job(input_path, output, model: str, task: dict | None = None, **sections) -> JobSpec:
-    """A job spec for the tiny model: small engine, short outputs, unless a test says otherwise."""
+def make_job(input_path, output_path, model: str, task: dict | None = None, **sections) -> JobSpec:
+    """A job spec for the tiny model: small engine, short outputs, unless a test says otherwise (`output={...}`
+    adds output settings to the path)."""
     data = {
         "input": {"path": str(input_path), "id_column": "id"},
         "task": task or {"type": "article"},
@@ -54,7 +55,7 @@ def make_job(input_path, output, model: str, task: dict | None = None, **section
         "engine": {"max_model_len": 512, "max_num_seqs": 32, "kv_cache_gib": 0.25},
         "sampling": {"max_tokens": 16, "temperature": 0.8, "seed": 1},
         "workers": {"count": 1, "batch_size": 8},
-        "output": {"path": str(output)},
+        "output": {"path": str(output_path)},
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
