@@ -65,6 +65,12 @@ ENGINE_TITLE = "GenerateWorker"  # in the process title of an engine actor
 RERUNS = 3  # most times the same command is run again after a fault
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """A shell without job control starts background commands (`cmd &`) with SIGINT ignored, and their children
+    inherit that: a run gets Ctrl-C as from a terminal, wherever the harness was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Failed(Exception):
     """A trial's check failed: the reason goes into the results, the folder is kept."""
 
@@ -145,7 +151,8 @@ class Job:
         mark = (MARK, f"{self.folder}/{label}")
         with open(self.folder / f"{label}.out", "w") as out, open(self.folder / f"{label}.err", "w") as err:
             process = subprocess.Popen(self.command(), stdout=out, stderr=err, cwd=self.folder,
-                                       env={**os.environ, **self.env, mark[0]: mark[1]}, start_new_session=True)
+                                       env={**os.environ, **self.env, mark[0]: mark[1]}, start_new_session=True,
+                                       preexec_fn=ctrl_c_as_in_a_terminal)
         run = Run(label, process, time.monotonic(), psutil.Process(process.pid).create_time(), mark)
         self.runs.append(run)
         return run

@@ -48,6 +48,12 @@ def committed_parts(output: Path) -> list[str]:
     return [p for p in os.listdir(output) if p.endswith(".parquet")] if output.exists() else []
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """A shell without job control starts background commands (`cmd &`) with SIGINT ignored, and their children
+    inherit that (Python then installs no KeyboardInterrupt handler): the driver gets Ctrl-C as from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def committed_rows(output: Path) -> int:
     """Result rows committed so far (a finished job merges its parts, so parts are no measure of progress)."""
     return Ledger(str(output)).count().results
@@ -109,7 +115,8 @@ def test_driver_stopped_mid_job_then_same_command_finishes(tmp_path, tiny, how):
     # Enough rows that the job still runs when it is stopped: a quiet machine generated 200 of them in 3 s
     rows, command = cli_job(tmp_path, tiny, 800)
     out = tmp_path / "out"
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=ctrl_c_as_in_a_terminal)
     wait_for(lambda: len(committed_parts(out)) >= 2 or driver.poll() is not None, what="two committed parts")
     assert driver.poll() is None, "the job ended before it could be stopped"
     driver.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
