@@ -6,7 +6,7 @@ Merging keeps what makes a row done: a row is in exactly one committed part, und
 resume, retry-errors and inspect read a compacted folder as they read any other.
 
 A crash can strike between the merged part appearing and the parts it replaces being deleted. The merge is
-therefore announced first, in _genfarm/compacting.json; whoever opens the folder next (a run, retry-errors, inspect)
+therefore announced first, in _genfarm/compacting.json; whoever opens the folder next (a run, retry-errors, status)
 calls `finish`, which deletes the replaced parts if the merged one appeared, or drops the note if it did not.
 """
 
@@ -41,11 +41,9 @@ def compact(ledger: Ledger, target_bytes: int = TARGET_BYTES) -> Compacted:
     before = after = 0
     for errors in (False, True):
         sizes = ledger.part_sizes(errors)
-        groups = runs(sizes, target_bytes)
+        merged = [group for group in runs(sizes, target_bytes) if merge(ledger, group, errors)]
         before += len(sizes)
-        after += len(sizes) - sum(len(group) - 1 for group in groups)
-        for group in groups:
-            merge(ledger, group, errors)
+        after += len(sizes) - sum(len(group) - 1 for group in merged)
     return Compacted(before, after)
 
 
@@ -77,11 +75,11 @@ def merge(ledger: Ledger, parts: list[str], errors: bool) -> bool:
     try:
         with atomic_path(ledger.fs, ledger.part_path(name, errors), ledger.tmp_dir) as path:
             write_merged(ledger.fs, parts, path)
+        merged = True
     except SchemaMismatch:
-        finish(ledger)  # the merged part never appeared: the note goes, the parts stay
-        return False
+        merged = False  # the merged part never appeared: finish drops the note and the parts stay
     finish(ledger)
-    return True
+    return merged
 
 
 class SchemaMismatch(Exception):
