@@ -80,12 +80,14 @@ class OpenAIRequests(Task):
     def request(self, row: dict) -> Request:
         """The row's request, checked as the online API checks it (kept for the row's next call)."""
         key = (row.get("_gf_id"), row.get("method"), row.get("url"), row.get("body"))
-        if self._last is None or self._last[0] != key:
+        last = self._last  # one read: batches in flight call this from several threads at once
+        if last is None or last[0] != key:
             try:
-                self._last = (key, self.check(row))
+                last = (key, self.check(row))
             except RowError as err:
-                self._last = (key, err)
-        answer = self._last[1]
+                last = (key, err)
+            self._last = last
+        answer = last[1]
         if isinstance(answer, RowError):
             raise answer
         return answer

@@ -5,6 +5,8 @@ the echo engine."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import openai.types as oai
 import pandas as pd
@@ -112,6 +114,35 @@ def test_requests_become_prompts_and_sampling_as_the_online_api_reads_them():
     _, sampling = check(chat("c", response_format={"type": "json_schema", "json_schema": {"name": "x",
                                                                                           "schema": schema}}))
     assert sampling.structured == {"json": schema, "disable_any_whitespace": True}
+
+
+def test_concurrent_batches_each_get_their_own_rows_request():
+    """An engine actor renders several batches at once (workers.batches_in_flight) with one task object: whatever
+    the task keeps between calls must not hand one thread's request to another."""
+    task = make_task(JobSpec.model_validate({"input": {"path": "x"}, "output": {"path": "y"},
+                                             "task": {"type": "openai"}}).task)
+
+    class Yielding(type(task)):  # lets the other threads run right after each change of the task's state
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            time.sleep(0.001)
+
+    task.__class__ = Yielding
+    wrong: list[str] = []
+
+    def render(worker: int) -> None:
+        for i in range(50):
+            row = chat(f"{worker}-{i}", text=f"row {worker}-{i}")
+            data = {**row, "body": json.dumps(row["body"]), "_gf_id": row["custom_id"]}
+            if task.prompt(data).messages[0]["content"] != f"row {worker}-{i}":
+                wrong.append(row["custom_id"])
+
+    threads = [threading.Thread(target=render, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 def test_what_the_online_api_refuses_is_an_invalid_request_with_its_code():
