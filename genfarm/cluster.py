@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import shutil
@@ -65,11 +66,11 @@ def package_job(job_file: str, overrides: list[str]) -> tuple[Path, str]:
                         "folder on the cluster", "use an absolute path on storage the cluster shares, or s3://...")
     folder = Path(tempfile.mkdtemp(prefix="genfarm-submit-"))
     (folder / "input").mkdir()
+    # The task as loaded: files it names (task.policy, task.schema) are read into it here, not looked for there.
+    data["task"] = job.task.model_dump(mode="json")
     source = Path(job.input.path)
     if "://" not in job.input.path and any(ch in job.input.path for ch in "*?["):
-        for match in sorted(source.parent.glob(source.name)):
-            shutil.copy2(match, folder / "input" / match.name)
-        data["input"]["path"] = f"input/{source.name}"
+        data["input"]["path"] = ship_glob(job.input.path, folder / "input")
     elif "://" not in job.input.path:
         if not source.exists():
             raise UserError("input.path", f"{source} does not exist", "check the path or pass --set input.path=...")
@@ -78,6 +79,21 @@ def package_job(job_file: str, overrides: list[str]) -> tuple[Path, str]:
         data["input"]["path"] = f"input/{source.name}"
     (folder / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return folder, "python3 -m genfarm run job.yaml --no-progress"
+
+
+def ship_glob(pattern: str, target: Path) -> str:
+    """Copy the files a local glob matches under `target`, by their path below the glob's fixed part (as the rows'
+    ids name them), and return the same glob there."""
+    pattern = os.path.abspath(pattern)
+    base = pattern.split("*")[0].rsplit("/", 1)[0]  # the folder input ids are relative to (see source.list_inputs)
+    matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
+    if not matches:
+        raise UserError("input.path", f"no files match {pattern}", "check the glob, e.g. data/**/*.jsonl")
+    for match in matches:
+        copy = target / os.path.relpath(match, base)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(match, copy)
+    return f"{target.name}/{pattern[len(base) + 1:]}"
 
 
 def submit(job_file: str, overrides: list[str], address: str) -> str:

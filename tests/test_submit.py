@@ -88,3 +88,31 @@ def test_submit_refuses_a_relative_output_and_a_missing_cluster(tmp_path):
     gone = subprocess.run([sys.executable, "-m", "genfarm", "jobs", "list", "--address", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=120)
     assert gone.returncode == 2 and "no Ray dashboard answers at http://127.0.0.1:9" in gone.stderr
+
+
+def test_the_package_carries_the_files_the_job_reads(tmp_path, monkeypatch):
+    """A policy file the task reads and a glob over folders reach the cluster: the job folder there has only what
+    genfarm ships."""
+    from genfarm.cluster import package_job
+    from genfarm.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a/part.jsonl", "b/part.jsonl"):
+        (tmp_path / "data" / name).parent.mkdir(parents=True)
+        write_jsonl(tmp_path / "data" / name, [{"id": name, "message": "Where is my order?"}])
+    (tmp_path / "policy.md").write_text("Refunds within 30 days.\nNo promises about delivery dates.\n")
+    (tmp_path / "job.yaml").write_text("input: {path: 'data/**/*.jsonl', id_column: id}\n"
+                                       "task: {type: reply, policy: policy.md}\noutput: {path: /shared/out}\n")
+    folder, _ = package_job("job.yaml", [])
+    monkeypatch.chdir(folder)
+    from genfarm.batch.source import list_inputs
+    from genfarm.spec import load_job
+
+    shipped = load_job("job.yaml", [])
+    assert shipped.task.policy.startswith("Refunds within 30 days.")
+    assert sorted(f.name for f in list_inputs(shipped.input)[1]) == ["a/part.jsonl", "b/part.jsonl"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.yaml").write_text("input: {path: 'nothing/*.jsonl'}\ntask: {type: article}\n"
+                                       "output: {path: /shared/out}\n")
+    with pytest.raises(UserError, match="input.path: no files match"):
+        package_job("job.yaml", [])
