@@ -379,7 +379,9 @@ def test_api_keys_from_the_environment(monkeypatch):
     assert api_keys(ServeSpec()) == frozenset()
 
 
-def test_serve_options_bound_every_queue():
+def test_serve_options_bound_every_queue(monkeypatch):
+    import ray
+
     from genfarm.serve.config import ServeSpec
     from genfarm.serve.deploy import app_config, server_options
 
@@ -393,6 +395,14 @@ def test_serve_options_bound_every_queue():
     assert "replicas" not in config["args"]  # scaling must not change args (that would restart every replica)
     gpu = ServeSpec.model_validate({"engine": {"device": "gpu", "tensor_parallel_size": 2}})
     assert server_options(gpu)["ray_actor_options"]["num_gpus"] == 2
+    # device auto on a cluster with GPUs: Serve lets through as many requests as the GPU replica's limiter admits
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8, "GPU": 2})
+    auto = ServeSpec.model_validate({"engine": {"device": "auto"}})
+    assert server_options(auto)["max_ongoing_requests"] == server_options(
+        ServeSpec.model_validate({"engine": {"device": "gpu"}}))["max_ongoing_requests"]
+    cpu = ServeSpec.model_validate({"engine": {"device": "cpu"}})
+    assert server_options(auto)["max_ongoing_requests"] > server_options(cpu)["max_ongoing_requests"]
 
 
 if os.environ.get("GENFARM_SKIP_SERVE"):  # pragma: no cover - a switch for quick local runs

