@@ -113,14 +113,14 @@ def print_summary(summary: dict) -> None:
 
 
 def prefix_cache_note(summary: dict) -> str:
-    cache = summary.get("run_prefix_cache")  # absent from the summaries of older genfarm versions
+    cache = summary.get("run_prefix_cache")
     if not cache or not cache["prompt_tokens"]:
         return ""
     return f"; the prefix cache held {cache['hit_rate']:.0%} of {cache['prompt_tokens']:,} prompt tokens"
 
 
 def print_documents(counts: dict) -> None:
-    """The documents line of a translation job: how many were reassembled whole."""
+    """The documents line of a job that reassembles documents (translate, summarize): how many came back whole."""
     out.print(f"documents: {counts['documents']:,} ({counts['complete']:,} complete, {counts['partial']:,} partial, "
               f"{counts['failed']:,} failed) in {counts['output']}/*.parquet", highlight=False)
 
@@ -129,8 +129,8 @@ def print_documents(counts: dict) -> None:
 def status(output: str = typer.Argument(..., help="A job's output folder.")) -> None:
     """Show how far a job got: rows committed, errors, and whether it is complete."""
     from genfarm.batch import compact
-    from genfarm.batch.ledger import SUMMARY, Ledger
-    from genfarm.spec import JobSpec
+    from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
+    from genfarm.spec import JobSpec, validate
     from genfarm.task import make_task
 
     store = Ledger(output)
@@ -147,7 +147,7 @@ def status(output: str = typer.Argument(..., help="A job's output folder.")) -> 
         out.print("complete")
     else:
         out.print("incomplete: run the same `genfarm run` command again to finish")
-    extra = make_task(JobSpec.model_validate(manifest["spec"]).task).summary(store)
+    extra = make_task(validate(JobSpec, manifest["spec"], f"{store.uri}/{MANIFEST}").task).summary(store)
     if "documents" in extra:
         print_documents(extra["documents"])
 

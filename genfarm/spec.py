@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     WrapValidator,
     field_validator,
     model_validator,
@@ -199,8 +200,9 @@ class EngineSpec(Spec):
     @staticmethod
     @cache
     def vllm_arg_names() -> tuple[str, ...] | None:
-        """The field names of vLLM's EngineArgs dataclass, read from its source (0.02-0.2 s; importing vLLM takes
-        5-20 s). None when vLLM is not installed here: the keys are then checked where the engine starts."""
+        """The field names of vLLM's EngineArgs dataclass, read from its source (parsing one file instead of
+        importing vLLM, which takes seconds). None when vLLM is not installed here: the keys are then checked where
+        the engine starts."""
         found = importlib.util.find_spec("vllm")
         if found is None:
             return None
@@ -293,6 +295,27 @@ class QualitySpec(Spec):
     def _share(cls, value):
         if value is not False and value is not None and not 0 < value <= 1:
             raise ValueError(f"{value} is not a share. Fix: give a number between 0 and 1, e.g. 0.5, or false")
+        return value
+
+    @field_validator("min_words", "max_words")
+    @classmethod
+    def _words(cls, value, info: ValidationInfo):
+        if value is False or value is None:
+            return value
+        if value < 0:
+            raise ValueError(f"{value} is not a number of words. Fix: give 0 or more, or false")
+        least = info.data.get("min_words")  # validated first: the field before
+        if info.field_name == "max_words" and least not in (None, False) and value < least:
+            raise ValueError(f"{value} is fewer than min_words ({least}), so every text would fail. Fix: give "
+                             "max_words >= min_words")
+        return value
+
+    @field_validator("length_ratio")
+    @classmethod
+    def _ratio(cls, value):
+        if value not in (None, False) and not 0 <= value[0] <= value[1]:
+            raise ValueError(f"[{value[0]:g}, {value[1]:g}] is not a range. Fix: give [low, high] with 0 <= low <= "
+                             "high, e.g. [0.5, 2]")
         return value
 
 

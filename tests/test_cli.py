@@ -23,6 +23,11 @@ def write_job(tmp_path, data, model="smollm2-135m-instruct", task="{type: articl
     return str(path)
 
 
+def folder(path):
+    path.mkdir(parents=True)
+    return path
+
+
 @pytest.mark.parametrize("case, expected", [
     ("unknown_task", "task: unknown task type 'essay'"),
     ("missing_input", "input.path: "),
@@ -33,6 +38,7 @@ def write_job(tmp_path, data, model="smollm2-135m-instruct", task="{type: articl
     ("no_job_file", "job file not found"),
     ("unwritable_output", "output.path: cannot write to /proc/forbidden"),
     ("missing_plugin", "plugins: cannot import 'no_such_tasks'"),
+    ("unreadable_input", "input.path: cannot read"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, case, expected):
     data = write_jsonl(tmp_path / "t.jsonl", topics(2))
@@ -46,6 +52,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, expected):
         "no_job_file": lambda: ["run", tmp_path / "missing.yaml"],
         "unwritable_output": lambda: ["run", write_job(tmp_path, data), "--set", "output.path=/proc/forbidden"],
         "missing_plugin": lambda: ["run", write_job(tmp_path, data, extra="plugins: [no_such_tasks]\n")],
+        # a folder whose name says JSONL, the only thing the glob matches
+        "unreadable_input": lambda: ["run", write_job(tmp_path, f"'{folder(tmp_path / 'in' / 'x.jsonl').parent}"
+                                                                   "/*.jsonl'")],
     }[case]()
     result = genfarm(*args)
     assert result.returncode == 2, result.stderr

@@ -49,6 +49,8 @@ def test_defaults_and_overrides_keep_types(tmp_path):
     ("input: [1, 2", (), "not valid YAML"),
     ("- a list", (), "a job file is a YAML mapping"),
     (GOOD.replace("{type: article}", "{type: template}"), (), "give exactly one of task.messages"),
+    (GOOD, ["quality.min_words=50", "quality.max_words=10"], "quality.max_words: 10 is fewer than min_words (50)"),
+    (GOOD, ["quality.length_ratio=[3, 1]"], "quality.length_ratio: [3, 1] is not a range"),
 ])
 def test_bad_job_files_name_the_field(tmp_path, text, overrides, expected):
     assert expected in error_of(tmp_path, text, overrides)

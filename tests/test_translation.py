@@ -234,7 +234,8 @@ def translated_output(tmp_path: Path, keep: int | None = None) -> Path:
     """A job folder whose documents are imperfect translations: each reference with words dropped or changed."""
     out = tmp_path / "out"
     (out / "_genfarm").mkdir(parents=True)
-    (out / "_genfarm" / "job.json").write_text(json.dumps({"job_id": "eval-test"}))
+    (out / "_genfarm" / "job.json").write_text(json.dumps({"job_id": "eval-test",
+                                                           "spec": {"task": {"type": "translate"}}}))
     (out / "_documents").mkdir()
     rows = []
     for file in sorted((ROOT / "examples/references").glob("*.jsonl")):
@@ -273,12 +274,15 @@ def test_eval_reproduces_sacrebleu_on_the_reference_set(tmp_path):
 
 def test_eval_bad_input_is_one_line_and_exit_2(tmp_path):
     out = translated_output(tmp_path, keep=5)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"id": "r01", "target_language": "de", "reference": "Grüße"}\n'.encode("latin-1"))
     cases = [
         (["--references", tmp_path / "nope.jsonl"], "nope.jsonl: not found"),
         (["--references", "examples/references"], "30 of 45 references have no translation in OUTPUT"),
         (["--references", write_jsonl(tmp_path / "a.jsonl", [{"id": "r01", "target_language": "de"}])],
          "missing or empty field(s): reference"),
         (["--references", write_jsonl(tmp_path / "b.jsonl", ['{"id": "r01",'])], "not valid JSON"),
+        (["--references", latin1], "latin1.jsonl: cannot read it as UTF-8 text"),
     ]
     for args, expected in cases:
         result = genfarm("eval", out, *args)
@@ -286,3 +290,6 @@ def test_eval_bad_input_is_one_line_and_exit_2(tmp_path):
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0] and "Fix:" in lines[0], result
     assert genfarm("eval", out, "--references", "examples/references", "--allow-missing").returncode == 0
     assert "holds no genfarm job" in genfarm("eval", tmp_path, "--references", "examples/references").stderr
+    (out / "_genfarm" / "job.json").write_text(json.dumps({"job_id": "x", "spec": {"task": {"type": "article"}}}))
+    other = genfarm("eval", out, "--references", "examples/references")
+    assert other.returncode == 2 and "has task.type article, not translate" in other.stderr

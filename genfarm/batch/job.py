@@ -24,12 +24,12 @@ from genfarm.batch.datasource import PromptSource
 from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
 from genfarm.batch.order import PromptOrder
 from genfarm.batch.progress import JobProgress, LiveTokens
-from genfarm.batch.source import META_COLUMNS, count_work_rows, input_schema, list_inputs
+from genfarm.batch.source import META_COLUMNS, count_work_rows, input_error, input_schema, list_inputs
 from genfarm.batch.worker import OWN_COLUMNS, GenerateWorker, record_failures
 from genfarm.engine import use_gpu, worker_resources
 from genfarm.errors import UserError
 from genfarm.local_ray import use_local_ray_env
-from genfarm.spec import JobSpec, QualitySpec
+from genfarm.spec import JobSpec, QualitySpec, validate
 from genfarm.storage import storage_error
 from genfarm.task import Expander, FinishedJob, Task, make_task
 
@@ -119,7 +119,10 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
         raise UserError("task", f"the task's output columns {', '.join(clash)} are genfarm's own",
                         "rename them (e.g. the schema's properties)")
     fs, files = list_inputs(job.input)
-    schema = input_schema(fs, files)
+    try:
+        schema = input_schema(fs, files)
+    except OSError as err:  # a file that vanished or may not be read since it was listed
+        raise input_error(job.input, err) from None
     reserved = [name for name in schema.names if name in META_COLUMNS]
     if reserved:
         raise UserError("input.path", f"the input has columns named like genfarm's own ({', '.join(reserved)})",
@@ -130,7 +133,10 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
                             f"{', '.join(schema.names)})", "map it with task.columns: {field: column} or fix input")
     model = models.resolve(job.model.name, job.model.revision)
     expander = task.expander(job, model.path)  # before the output folder is touched: its errors are the user's
-    total = count_work_rows(fs, files, job.input, expander)  # reads every file: one that cannot be read is refused
+    try:
+        total = count_work_rows(fs, files, job.input, expander)  # reads every file: one that cannot be read is refused
+    except OSError as err:
+        raise input_error(job.input, err) from None
     store = Ledger(job.output.path)
     parts = fingerprint_parts(job, model)
     manifest = check_resume(store, parts, restart)
@@ -201,7 +207,7 @@ def retry_errors(output: str, types: list[str] | None, show_progress: bool = Tru
     store = Ledger(output)
     manifest = store.manifest()
     compact.finish(store)
-    job = JobSpec.model_validate(manifest["spec"])
+    job = validate(JobSpec, manifest["spec"], f"{store.uri}/{MANIFEST}")  # a plugin no longer importable, say
     list_inputs(job.input)  # the input must still be there before any error row is taken back
     taken = store.take_errors(types, _stamp())
     if not taken:

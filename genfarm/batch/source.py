@@ -58,9 +58,15 @@ def list_inputs(spec: InputSpec) -> tuple[pafs.FileSystem, list[InputFile]]:
     try:
         return _list_inputs(spec)
     except OSError as err:
-        if not is_uri(spec.path):
-            raise
-        raise storage_error("input.path", spec.path, err, "read") from None
+        raise input_error(spec, err) from None
+
+
+def input_error(spec: InputSpec, err: OSError) -> UserError:
+    """The one-line error of an input that the driver cannot read before the job starts."""
+    if is_uri(spec.path):
+        return storage_error("input.path", spec.path, err, "read")
+    return UserError("input.path", f"cannot read {spec.path} ({reason(err)})",
+                     "check that it exists and that genfarm may read it")
 
 
 def _list_inputs(spec: InputSpec) -> tuple[pafs.FileSystem, list[InputFile]]:

@@ -50,7 +50,10 @@ class CorpusScore:
 def load_translations(output: str) -> dict[tuple[str, str], Translation]:
     """(id, target language code) -> translation, from a job's documents if it has them, else its result rows."""
     store = Ledger(output)
-    store.manifest()  # a folder without a job is the user's mistake, said in one line
+    kind = store.manifest()["spec"]["task"].get("type")  # a folder without a job is the user's mistake, in one line
+    if kind != "translate":
+        raise UserError("OUTPUT", f"the job in {store.uri} has task.type {kind}, not translate",
+                        "give the output.path of a translate job")
     table = store.read(["document_id", "target_language", "text", "status"], folder=DOCUMENTS)
     if table is not None:
         rows = zip(table["document_id"].to_pylist(), table["target_language"].to_pylist(),
@@ -75,7 +78,12 @@ def load_references(path: str) -> dict[tuple[str, str], str]:
         raise UserError(f"--references {path}", "the folder holds no .jsonl files", "give a JSONL file of references")
     references: dict[tuple[str, str], str] = {}
     for file in files:
-        for number, line in enumerate(file.read_text().splitlines(), start=1):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(str(file), f"cannot read it as UTF-8 text ({err.__class__.__name__})",
+                            "save the references as UTF-8 JSONL") from None
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 key, reference = _reference(line, f"{file}:{number}")
                 if key in references:
