@@ -32,7 +32,7 @@ ERROR_SCHEMA = pa.schema([
 ])
 STATS_SCHEMA = pa.schema([
     ("rows", pa.int64()), ("results", pa.int64()), ("errors", pa.int64()),
-    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("flagged", pa.int64()),
+    ("completion_tokens", pa.int64()), ("flagged", pa.int64()),
     ("reused", pa.int64()),  # greedy answers given again to an identical prompt instead of generated again
     ("engine_prompt_tokens", pa.int64()),  # prompt tokens the engine took (every attempt), and those its prefix
     ("cached_prompt_tokens", pa.int64()),  # cache already held
@@ -241,7 +241,6 @@ def stats_row(rows: int, results: list[dict], errors: list[dict], generated_toke
     """The counts the driver's progress display gets; `generated_tokens` counts every attempt (engine work)."""
     return pa.Table.from_pylist([{
         "rows": rows, "results": len(results), "errors": len(errors),
-        "prompt_tokens": sum(r["prompt_tokens"] for r in results if r["sample_index"] == 0),
         "completion_tokens": sum(r["completion_tokens"] for r in results) if generated_tokens is None
         else generated_tokens,
         "flagged": sum(1 for r in results if r["quality"] and r["sample_index"] == 0),

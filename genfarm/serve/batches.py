@@ -21,13 +21,23 @@ from fastapi.responses import StreamingResponse
 
 from genfarm.serve import protocol as api
 from genfarm.serve.batch_runner import ensure_runner, runner_alive
-from genfarm.serve.batch_store import CHUNK, ENDPOINTS, FINAL, Store, check_metadata, check_window, page, public
-from genfarm.serve.config import BatchesSpec, ServeSpec, digest
+from genfarm.serve.batch_store import (
+    CHUNK,
+    ENDPOINTS,
+    FINAL,
+    STATUSES,
+    Store,
+    check_metadata,
+    check_window,
+    page,
+    public,
+)
+from genfarm.serve.config import ServeSpec, digest
 from genfarm.serve.metrics import batch_families
 from genfarm.serve.replica import ReplicaState, current_server
 from genfarm.serve.responses import APIError
 
-WATCH_S = 5.0  # how often a replica looks after the batches (runners, expiry, metrics)
+WATCH_S = 5.0  # how often a replica looks after the batches (their runners, the metrics)
 ERRORS_DOC = {code: {"model": api.ErrorBody} for code in (400, 401, 404, 429)}
 log = logging.getLogger("genfarm.batches")
 
@@ -205,14 +215,14 @@ async def watch() -> None:
         if server is None or server.spec.batches.storage is None:
             continue
         try:
-            families = await asyncio.to_thread(look_after, store_of(server.spec), server.spec.batches)
+            families = await asyncio.to_thread(look_after, store_of(server.spec))
             await server.hub.push.remote("batches", families)
         except Exception:  # noqa: BLE001 - storage or Ray hiccups: the next round tries again
             log.exception("looking after the batches failed")
 
 
-def look_after(store: Store, limits: BatchesSpec) -> list:
-    by_status = dict.fromkeys(("validating", "in_progress", "finalizing", "cancelling", *FINAL), 0)
+def look_after(store: Store) -> list:
+    by_status = dict.fromkeys(STATUSES, 0)
     tokens = {"prompt": 0, "completion": 0}
     for name in store.batch_ids():
         record = _finished.get(name)
