@@ -98,7 +98,7 @@ def gguf_source(model: EmbeddedModel) -> Path:
 
 
 def prepare(name: str) -> Path:
-    """Convert an embedded GGUF model into a safetensors folder (once; ~20 s, 260 MB)."""
+    """Convert an embedded GGUF model into a safetensors folder (once, on first use)."""
     model = EMBEDDED.get(name)
     if model is None:
         raise UserError("model", f"{name!r} is not an embedded model", f"embedded models: {', '.join(EMBEDDED)}")

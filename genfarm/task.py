@@ -86,7 +86,7 @@ class Route:
 
 
 class Online(Protocol):
-    """What the online service lends a task answering one request (genfarm/serve/tasks.py implements it)."""
+    """What the online service lends a task answering one request (genfarm/serve/server.py: TaskCall)."""
 
     model: str  # the served model's name
     tokenizer: Any

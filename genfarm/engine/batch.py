@@ -60,8 +60,8 @@ class Engine(PromptEncoder):
     def _run(self, args: dict, ready: threading.Event) -> None:
         """The one thread that owns vLLM: builds the engine, then adds what arrived, steps, hands out what
         finished and aborts the overdue. The engine is built here, not in the caller's thread, because torch keeps
-        its full CPU thread team only in the thread that created the engine (measured on 2 cores: ~500 tok/s when
-        another thread steps it, ~680 tok/s here)."""
+        its full CPU thread team only in the thread that created the engine (measured: a CPU engine stepped from
+        another thread generated about a quarter fewer tokens/s)."""
         try:
             from vllm import LLM
             from vllm.inputs import TokensPrompt

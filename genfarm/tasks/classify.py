@@ -5,8 +5,7 @@ The answer is constrained (a choice among the labels; with multi_label a compact
 label, in order, so no label can be named twice or invented and the answer's length is fixed), and generated with its
 log-probability. vLLM masks the tokens the constraint forbids before it computes log-probabilities, so exp(logprob)
 is the probability of this answer among the allowed ones: for one label, how sure the model is of it against the
-other labels; for a set, of the whole set. (`parse` takes the log-probability, but the batch pipeline and the online
-service do not hand it over yet: until they do, `confidence` is null.)
+other labels; for a set, of the whole set.
 
 `score` compares the labels with a column of true labels (`genfarm eval`): accuracy, macro-F1, per-label
 precision/recall/F1.
