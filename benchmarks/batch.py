@@ -1,7 +1,8 @@
 """genfarm vs bare vLLM vs ray.data.llm: the same prompts, model, engine settings and sampling, in one run.
 
     python -m benchmarks.batch                      # both layouts and scenarios, all three systems, two rounds
-    python -m benchmarks.batch --layout gpu-node --scenario articles --prompts 128 --rounds 1
+    python -m benchmarks.batch --layout gpu-node --scenario articles --systems bare,genfarm,genfarm-ray-up \
+        --rounds 4 --name batch-gpu-node-articles     # one scenario, more rounds, beside the full run's results
 
 Each system runs in a fresh subprocess, one after another, so none shares a warm process with another:
   bare     vllm.LLM + one LLM.generate call over every prompt: the ceiling
@@ -207,6 +208,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, help="Override the scenario's prompt count.")
     parser.add_argument("--rounds", type=int, default=2, help="Times each system runs, in alternating order; "
                                                                "results pool all rounds.")
+    parser.add_argument("--name", default="batch", help="Results file name: benchmarks/results/NAME.{json,md,png} "
+                        "(a run of some layouts, scenarios or systems beside the full one).")
     parser.add_argument("--one", nargs=2, metavar=("SYSTEM", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from genfarm import models
@@ -231,7 +234,7 @@ def main() -> None:
                                  "round": round_no, **run_one(system, scenario, prompts, layout)})
                     if not runs[-1].get("failed"):
                         print(f"  {runs[-1]['tokens']} tokens in {runs[-1]['wall_s']:.1f}s", flush=True)
-    report(combine(runs), runs)
+    report(combine(runs), runs, args.name)
 
 
 def run_one(system: str, scenario: str, prompts: int, layout: str) -> dict:
@@ -267,7 +270,7 @@ def ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x" if value and base else ""
 
 
-def report(results: list[dict], runs: list[dict]) -> None:
+def report(results: list[dict], runs: list[dict], name: str = "batch") -> None:
     import platform
 
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {CORES} CPUs, no GPU",
@@ -297,11 +300,11 @@ def report(results: list[dict], runs: list[dict]) -> None:
                      f"{ratio(r.get('generate_tokens_per_s'), bare.get('generate_tokens_per_s'))} | "
                      f"{ratio(r['tokens_per_s'], bare.get('tokens_per_s'))} | {added} | "
                      f"{ratio(r['tokens_per_s'], raydata.get('tokens_per_s'))} |")
-    results_files.write("batch", {"meta": meta, "results": results, "runs": runs}, lines)
-    plot(results)
+    results_files.write(name, {"meta": meta, "results": results, "runs": runs}, lines)
+    plot(results, name)
 
 
-def plot(results: list[dict]) -> None:
+def plot(results: list[dict], name: str) -> None:
     plt = results_files.pyplot()
 
     panels = list(dict.fromkeys((r["layout"], r["scenario"]) for r in results))
@@ -318,7 +321,7 @@ def plot(results: list[dict]) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(results_files.RESULTS / "batch.png", dpi=120)
+    fig.savefig(results_files.RESULTS / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":
