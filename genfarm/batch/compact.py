@@ -6,8 +6,9 @@ Merging keeps what makes a row done: a row is in exactly one committed part, und
 resume, retry-errors and inspect read a compacted folder as they read any other.
 
 A crash can strike between the merged part appearing and the parts it replaces being deleted. The merge is
-therefore announced first, in _genfarm/compacting.json; whoever opens the folder next (a run, retry-errors, status)
-calls `finish`, which deletes the replaced parts if the merged one appeared, or drops the note if it did not.
+therefore announced first, in _genfarm/compacting.json, with the rows it will hold; whoever opens the folder next (a
+run, retry-errors, status) calls `finish`, which deletes the replaced parts if the merged one appeared whole, or
+drops the note (and a merged part that is not whole: an object store can be left with part of an upload) if not.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def merge(ledger: Ledger, parts: list[str], errors: bool) -> bool:
     key, first, _ = os.path.basename(parts[0]).split("-", 2)
     replaced = [os.path.basename(p) for p in parts]
     name = part_name(key, int(first), replaced)  # named after the parts it replaces, which are named after their rows
-    ledger.write_json(NOTE, {"part": name, "errors": errors, "replaces": replaced})
+    rows = sum(pq.ParquetFile(p, filesystem=ledger.fs).metadata.num_rows for p in parts)
+    ledger.write_json(NOTE, {"part": name, "errors": errors, "replaces": replaced, "rows": rows})
     try:
         with atomic_path(ledger.fs, ledger.part_path(name, errors), ledger.tmp_dir) as path:
             write_merged(ledger.fs, parts, path)
@@ -112,11 +114,26 @@ def finish(ledger: Ledger) -> None:
     if note is None:
         return
     fs, errors = ledger.fs, note["errors"]
-    if fs.get_file_info(ledger.part_path(note["part"], errors)).type == pafs.FileType.File:
+    merged = ledger.part_path(note["part"], errors)
+    if whole(fs, merged, note.get("rows")):
         for name in note["replaces"]:
             if name != note["part"]:
                 try:
                     fs.delete_file(ledger.part_path(name, errors))
                 except FileNotFoundError:  # deleted before the crash
                     pass
+    elif fs.get_file_info(merged).type == pafs.FileType.File and note["part"] not in note["replaces"]:
+        fs.delete_file(merged)  # part of an upload: the parts it was to replace still hold every row
     fs.delete_file(ledger.path(NOTE))
+
+
+def whole(fs, path: str, rows: int | None) -> bool:
+    """Whether the merged part exists with every row it was to hold (`rows` None: a note that did not say)."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    if rows is None:
+        return True
+    try:
+        return pq.ParquetFile(path, filesystem=fs).metadata.num_rows == rows
+    except (OSError, pa.ArrowInvalid):  # no footer: not a whole Parquet file
+        return False

@@ -78,15 +78,24 @@ class Ledger:
             final = sink.write(table, name, errors)
         return final
 
+    def withdraw(self, name: str, errors: bool = False) -> None:
+        """Delete a part's Parquet record if there is one (files of other sinks are read only through it)."""
+        try:
+            self.fs.delete_file(self.part_path(name, errors))
+        except FileNotFoundError:
+            pass
+
     def write_json(self, relpath: str, data: dict) -> None:
         write_text(self.fs, self.path(relpath), json.dumps(data, indent=2, default=str), self.tmp_dir)
 
     def read_json(self, relpath: str) -> dict | None:
-        try:
-            with self.fs.open_input_stream(self.path(relpath)) as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, OSError):
+        """The file's data, or None if there is no such file. A store that fails to answer raises: read as "no
+        manifest", a passing error would let a run mix its rows with another job's settings."""
+        path = self.path(relpath)
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read())
 
     def manifest(self) -> dict:
         """The job manifest of this folder; a folder without one is a user error."""

@@ -230,6 +230,12 @@ def commit(ledger: Ledger, rows: list[dict], results: list[dict], errors: list[d
                          [r["_gf_id"] for r in source_rows])
         source_errors = [e for e in errors if e["source_file"] == source]
         source_results = [r for r in results if r["source_file"] == source]
+        # A batch retried after its actor died may put a row on the other side this time (an error then, a result
+        # now): the earlier side's part goes first, so a crash in between leaves the rows to generate again.
+        if not source_errors:
+            ledger.withdraw(name, errors=True)
+        if not source_results:
+            ledger.withdraw(name)
         if source_errors:
             ledger.commit(pa.Table.from_pylist(source_errors, schema=ERROR_SCHEMA), name, errors=True)
         if source_results:

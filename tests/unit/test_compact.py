@@ -112,3 +112,29 @@ def test_a_crash_before_the_merged_part_appears_leaves_the_parts(tmp_path, monke
     compact.finish(Ledger(str(tmp_path / "out")))
     assert committed(store) == before and store.parts() == parts
     assert not os.path.exists(tmp_path / "out" / compact.NOTE)
+
+
+def test_a_merged_part_left_half_written_is_dropped_and_the_parts_kept(tmp_path, monkeypatch):
+    """On an object store a failed upload can leave part of the merged part (with a footer) under its final name,
+    and the cleanup that would delete it can fail too: the next opener must not take it for the merged part."""
+    store = folder(tmp_path / "out", files=1)
+    before, parts = committed(store), store.parts()
+
+    @contextmanager
+    def upload_cut_short(fs, final, tmp_dir):
+        yield final  # written straight to its final name, as on an object store
+
+    def first_parts_only(fs, parts, path):
+        real_write_merged(fs, parts[:2], path)  # a whole Parquet file holding only some of the rows
+        raise Crash
+
+    real_write_merged = compact.write_merged
+    monkeypatch.setattr(compact, "atomic_path", upload_cut_short)
+    monkeypatch.setattr(compact, "write_merged", first_parts_only)
+    with pytest.raises(Crash):
+        compact.compact(store)
+    monkeypatch.undo()
+    assert len(store.parts()) == len(parts) + 1  # the half merged part beside every part it was to replace
+    compact.finish(Ledger(str(tmp_path / "out")))
+    assert committed(store) == before and store.parts() == parts
+    assert not os.path.exists(tmp_path / "out" / compact.NOTE)

@@ -175,3 +175,17 @@ def test_identical_greedy_prompts_are_generated_once_each_row_its_own_result(tmp
     (tmp_path / "sampled").mkdir()
     run_worker(job_for(tmp_path / "sampled", rows, {"type": "article"}), sampled)
     assert sampled.generated == 9
+
+
+def test_a_retried_batch_whose_rows_change_sides_leaves_each_row_once(tmp_path):
+    """An actor that dies after committing is retried on the same batch (the same part name); if a row was an error
+    the first time and a result now, or the other way round, the folder still holds it once."""
+    job = job_for(tmp_path, [{"id": "a", "topic": "bees"}, {"id": "b", "topic": "wasps"}], {"type": "article"})
+    job = job.model_copy(update={"sampling": job.sampling.model_copy(update={"max_tokens": 500})})  # echo it all
+    store = Ledger(job.output.path)
+    run_worker(job, EchoEngine(fail_on="wasps"))  # b fails: one result part, one error part
+    assert (store.count().results, store.count().errors) == (1, 1)
+    run_worker(job, EchoEngine())  # the retry: both results
+    assert (store.count().results, store.count().errors) == (2, 0)
+    run_worker(job, EchoEngine(fail_on="Write"))  # and both errors
+    assert (store.count().results, store.count().errors) == (0, 2)
