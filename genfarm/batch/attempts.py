@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -67,10 +68,11 @@ class Work:
 class GreedyAnswers:
     """The answers an engine actor already gave to greedy prompts. A greedy answer depends only on the prompt and
     the sampling parameters, so a prompt that comes again (common in real datasets) is answered from here instead of
-    generated again; each row still gets its own result row. Bounded: the oldest answers are forgotten first."""
+    generated again; each row still gets its own result row. Bounded: the oldest answers are forgotten first.
+    Shared by the batches in flight in one engine actor, which call it from their own threads."""
 
     def __init__(self, size: int = 4096):
-        self.size, self.answers, self.reused = size, OrderedDict(), 0
+        self.size, self.answers, self.lock = size, OrderedDict(), threading.Lock()
 
     @staticmethod
     def key(ids: list[int], sampling: SamplingSpec, extra: dict) -> tuple | None:
@@ -79,42 +81,43 @@ class GreedyAnswers:
         return tuple(ids), json.dumps(sampling.model_dump(exclude={"seed"}), sort_keys=True), \
             json.dumps(extra, sort_keys=True, default=str)
 
-    def generate(self, engine, ids: list[list[int]], sampling: list[SamplingSpec], seeds: list, extras: list) -> list:
-        """engine.generate, with every greedy prompt generated at most once."""
+    def generate(self, engine, ids: list[list[int]], sampling: list[SamplingSpec], seeds: list,
+                 extras: list) -> tuple[list, int]:
+        """engine.generate, with every greedy prompt generated at most once; and how many answers were reused."""
         keys = [self.key(i, s, e) for i, s, e in zip(ids, sampling, extras)]
+        with self.lock:  # what is known now: answers may be forgotten while this batch generates
+            known = {key: self.answers[key] for key in keys if key is not None and key in self.answers}
         todo = {}  # index of the first request of each prompt that must be generated, by key (or by index)
         for index, key in enumerate(keys):
-            if key is None or (key not in self.answers and key not in todo):
+            if key is None or (key not in known and key not in todo):
                 todo[key if key is not None else ("row", index)] = index
         fresh = engine.generate(*(([column[i] for i in todo.values()]) for column in (ids, sampling, seeds, extras)))
         generated = dict(zip(todo.values(), fresh))
-        for key, index in todo.items():
-            if keys[index] is not None and not isinstance(generated[index], Exception):
-                self.answers[key] = generated[index]
-                if len(self.answers) > self.size:
-                    self.answers.popitem(last=False)
-        results = []
-        for index, key in enumerate(keys):
-            if index in generated:
-                results.append(generated[index])
-            else:
-                self.reused += 1
-                results.append(self.answers[key] if key in self.answers else generated[todo[key]])
-        return results
+        with self.lock:
+            for key, index in todo.items():
+                if keys[index] is not None and not isinstance(generated[index], Exception):
+                    self.answers[key] = generated[index]
+                    if len(self.answers) > self.size:
+                        self.answers.popitem(last=False)
+        results = [generated[index] if index in generated else known.get(key) or generated[todo[key]]
+                   for index, key in enumerate(keys)]
+        return results, len(keys) - len(generated)
 
 
 def generate_checked(engine, task: Task, works: list[Work], base_seed: int | None, checks: Checks,
-                     quality: QualitySpec, max_model_len: int, answers: GreedyAnswers | None = None) -> None:
+                     quality: QualitySpec, max_model_len: int, answers: GreedyAnswers | None = None) -> int:
     """Generate every work, then again those whose texts fail a check, up to quality.retries times; each work
-    keeps its best attempt. Raises what the engine raises for the whole batch (EngineDead)."""
+    keeps its best attempt. Returns how many answers were reused instead of generated (identical greedy prompts).
+    Raises what the engine raises for the whole batch (EngineDead)."""
     answers = answers or GreedyAnswers(size=0)
-    todo = works
+    todo, reused = works, 0
     for attempt in range(quality.retries + 1):
         if not todo:
-            return
+            break
         plans = [attempt_plan(work, attempt, base_seed, checks, quality, max_model_len) for work in todo]
-        results = answers.generate(engine, [w.ids for w in todo], [p[0] for p in plans], [p[1] for p in plans],
-                                   [p[2] for p in plans])
+        results, again = answers.generate(engine, [w.ids for w in todo], [p[0] for p in plans],
+                                          [p[1] for p in plans], [p[2] for p in plans])
+        reused += again
         for work, (sampling, seed, _), result in zip(todo, plans, results):
             work.attempts = attempt + 1
             if isinstance(result, Exception):
@@ -132,6 +135,7 @@ def generate_checked(engine, task: Task, works: list[Work], base_seed: int | Non
     for work in works:
         for sample in work.samples or ():
             finish(task, work.row, sample, checks)
+    return reused
 
 
 def attempt_plan(work: Work, attempt: int, base_seed: int | None, checks: Checks, quality: QualitySpec,

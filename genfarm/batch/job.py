@@ -168,11 +168,12 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
     plan.live_tokens = live_token_counter()
     with JobProgress(plan.total, plan.store.count().rows(job.sampling.n), enabled=show_progress) as progress:
         stop_following = progress.follow(plan.live_tokens)
-        generate_pass(plan, progress, job.workers.batch_size, job.workers.max_retries)
+        generate_pass(plan, progress, job.workers.batch_size, job.workers.max_retries, job.workers.batches_in_flight)
         if missing(plan):
-            # Some batches failed even after retries (an engine that keeps dying): retry their rows one by one,
-            # so only the rows that really kill the engine end up as errors.
-            generate_pass(plan, progress, batch_size=1, retries=0)
+            # Some batches failed even after retries (an engine that keeps dying): retry their rows one by one, one
+            # at a time per engine, so only the rows that really kill the engine end up as errors (a row in flight
+            # beside one that kills the engine would die with it, untried).
+            generate_pass(plan, progress, batch_size=1, retries=0, in_flight=1)
         if missing(plan):
             record_pass(plan, progress)
         stop_following.set()
@@ -231,7 +232,7 @@ def source(plan: Plan, order: PromptOrder | None = None):
                                                  plan.job.output.path, expander=plan.expander, order=order))
 
 
-def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: int) -> None:
+def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: int, in_flight: int) -> None:
     """Stream every row not yet committed through the engine actors; a batch whose actor dies is retried on a
     restarted actor at most `retries` times, then left for the next pass instead of failing the job."""
     import ray
@@ -254,8 +255,8 @@ def generate_pass(plan: Plan, progress: JobProgress, batch_size: int, retries: i
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
-                min_size=least, max_size=most, max_tasks_in_flight_per_actor=job.workers.batches_in_flight,
-                max_concurrent_calls_per_actor=job.workers.batches_in_flight, enable_true_multi_threading=True,
+                min_size=least, max_size=most, max_tasks_in_flight_per_actor=in_flight,
+                max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True,
             ),
             max_restarts=-1,
             max_task_retries=retries,

@@ -134,9 +134,8 @@ class GenerateWorker:
             except PromptTooLong as err:
                 errors.append(self._error(row, "prompt_too_long", str(err)))
         try:
-            reused_before = self.answers.reused
-            generate_checked(self.engine, self.task, works, self.job.sampling.seed, self.checks, self.job.quality,
-                             self.job.engine.max_model_len, self.answers)
+            reused = generate_checked(self.engine, self.task, works, self.job.sampling.seed, self.checks,
+                                      self.job.quality, self.job.engine.max_model_len, self.answers)
         except EngineDead as err:
             # Replace the engine the only safe way: let this actor die so Ray restarts it with a fresh one and
             # retries the batch there (bounded by workers.max_retries). The cause goes to the actor's log first.
@@ -154,7 +153,7 @@ class GenerateWorker:
         self._check_run()
         commit(self.ledger, rows, results, errors, self.schema)
         return stats_row(len(rows), results, errors, sum(w.generated_tokens for w in works),
-                         self.answers.reused - reused_before, self._prefill_since_last())
+                         reused, self._prefill_since_last())
 
     def _prefill_since_last(self) -> tuple[int, int]:
         """The engine's prompt tokens (and prefix-cached ones) since the last batch reported them. Batches run

@@ -189,3 +189,21 @@ def test_a_retried_batch_whose_rows_change_sides_leaves_each_row_once(tmp_path):
     assert (store.count().results, store.count().errors) == (2, 0)
     run_worker(job, EchoEngine(fail_on="Write"))  # and both errors
     assert (store.count().results, store.count().errors) == (0, 2)
+
+
+def test_identical_greedy_prompts_are_answered_once_even_when_the_cache_turns_over():
+    from genfarm.batch.attempts import GreedyAnswers
+    from genfarm.spec import SamplingSpec
+
+    engine, answers = EchoEngine(), GreedyAnswers(size=2)
+    greedy = SamplingSpec(temperature=0, max_tokens=2)
+
+    def ask(*prompts: str):
+        ids = [engine.encode(p, 2) for p in prompts]
+        return answers.generate(engine, ids, [greedy] * len(ids), [None] * len(ids), [{}] * len(ids))
+
+    ask("a one", "a two")
+    # "a one" is known when the call starts, and pushed out by the two new answers before the call ends
+    results, reused = ask("a one", "a three", "a four", "a one")
+    assert [r.completions[0].text for r in results] == ["a one", "a three", "a four", "a one"] and reused == 2
+    assert len(engine.requests) == 4  # a one, a two, a three, a four: each generated once
