@@ -42,6 +42,9 @@ def check_schema(schema: Any) -> None:
     if not isinstance(schema, dict):
         raise ValueError(f"a JSON schema is a mapping, got {type(schema).__name__}. Fix: write e.g. "
                          "{type: object, properties: {title: {type: string}}}")
+    if "$schema" in schema and not isinstance(schema["$schema"], str):  # jsonschema would fail with a TypeError
+        raise ValueError("the JSON schema's $schema is not a URI. Fix: leave $schema out, or give a dialect's URI "
+                         "such as https://json-schema.org/draft/2020-12/schema")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as err:

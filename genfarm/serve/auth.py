@@ -25,8 +25,10 @@ class RequireApiKey:
         if root and path.startswith(root):  # behind a route prefix, routes match without it: so must we
             path = path[len(root):]
         if keys and scope["type"] == "http" and path not in OPEN_PATHS:  # every other path needs a key
-            headers = dict(scope["headers"])
-            scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            # Exactly one Authorization header: the key checked here must be the key the request is owned by
+            # (batches.owner_of), whichever of several headers a framework would pick.
+            sent = [value for name, value in scope["headers"] if name.lower() == b"authorization"]
+            scheme, _, key = (sent[0] if len(sent) == 1 else b"").decode("latin-1").partition(" ")
             presented = digest(key.strip())
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(presented, k) for k in keys):
                 error = APIError(401, "missing or invalid API key; send the header 'Authorization: Bearer KEY'",

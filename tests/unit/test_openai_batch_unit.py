@@ -257,6 +257,7 @@ def api(tmp_path, monkeypatch):
     from genfarm.serve.auth import RequireApiKey
     from genfarm.serve.bodylimit import BodyLimit
     from genfarm.serve.config import ServeSpec, hashed
+    from genfarm.serve.metrics import ReplicaMetrics
     from genfarm.serve.replica import ReplicaState
     from genfarm.serve.responses import APIError
 
@@ -266,6 +267,7 @@ def api(tmp_path, monkeypatch):
         "storage": str(tmp_path / "store"), "max_file_lines": 3, "max_concurrent": 2, "max_batches_per_key": 1}})
     monkeypatch.setattr(ReplicaState, "keys", frozenset({hashed("k1"), hashed("k2")}))
     monkeypatch.setattr(ReplicaState, "server", FakeServer(spec))
+    monkeypatch.setattr(ReplicaState, "metrics", ReplicaMetrics(lambda: 0, lambda: 0, lambda: 0))
     app = FastAPI()
     app.add_exception_handler(APIError, lambda request, err: err.response())
     app.add_middleware(BodyLimit, max_bytes=1024)  # smaller than an upload: uploads are not held to it
@@ -303,6 +305,15 @@ def test_uploads_are_checked_line_by_line_with_clear_400s(api):
     assert made.status_code == 200 and oai.FileObject.model_validate(made.json()).bytes > 0
     long = upload(api, [chat("a", "x" * 4000)])  # over the request body limit, within the file limit
     assert long.status_code == 200 and oai.FileObject.model_validate(long.json()).bytes > 4000, long.text
+
+
+def test_a_request_with_two_keys_is_refused(api):
+    """The key checked and the key that owns the request's files must be the same: with two Authorization
+    headers a framework may check one and file under the other (an unknown key, with quotas of its own)."""
+    two = [("Authorization", "Bearer junk"), ("Authorization", "Bearer k1")]
+    refused = api.get("/v1/files", headers=two)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert api.get("/v1/files", headers=key("k1")).status_code == 200
 
 
 def test_a_key_sees_and_cancels_its_own_batches_only(api):

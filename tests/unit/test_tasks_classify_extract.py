@@ -198,6 +198,8 @@ def test_extract_parses_valid_json_into_columns_and_refuses_the_rest():
     ({"type": "object", "properties": {"a": {"type": "strin"}}}, "task.schema: not a valid JSON schema at"),
     ({"type": "object", "properties": {"a": {"type": "integer", "maximum": 2**64}}},
      "task.schema: the JSON schema has an integer beyond 64 bits at properties/a/maximum"),
+    ({"$schema": 5, "type": "object", "properties": {"a": {"type": "string"}}},
+     "task.schema: the JSON schema's $schema is not a URI"),
     ("missing.json", "task.schema: missing.json is neither a schema nor a file"),
     (None, "job.yaml: task.schema: required field is missing. Fix: add task.schema to the job file"),
 ])
