@@ -184,7 +184,7 @@ def probe_resume(folder: str, key: str) -> None:
     ledger.done_ids(key)
     t4 = time.monotonic()
     print(json.dumps({"count_s": t1 - t0, "list_s": t2 - t1, "done_ids_s": t3 - t2, "self_listing_s": t4 - t3,
-                      "ids": len(done), "counted": counts.results, "peak_mb": peak_mb}))
+                      "ids": len(done), "counted": counts.completed, "peak_mb": peak_mb}))
 
 
 def run_resume(rows: int, part_rows: int, files: int, work: Path) -> dict:

@@ -138,12 +138,11 @@ def status(output: str = typer.Argument(..., help="A job's output folder.")) -> 
     compact.finish(store)  # a merge of parts that a crash interrupted would count rows twice
     summary = store.read_json(SUMMARY) or {}
     counts = store.count()
-    n = manifest["spec"]["sampling"]["n"]
     total = summary.get("input_rows")
     out.print(f"[bold]{manifest['job_id']}[/] model {manifest['settings']['model']['name']}: "
-              f"{counts.results // n:,} rows generated, {counts.errors:,} errors"
-              + (f", {counts.rows(n):,}/{total:,} done" if total else ""), highlight=False)
-    if total is not None and counts.rows(n) >= total:
+              f"{counts.completed:,} rows generated, {counts.errors:,} errors"
+              + (f", {counts.rows:,}/{total:,} done" if total else ""), highlight=False)
+    if total is not None and counts.rows >= total:
         out.print("complete")
     else:
         out.print("incomplete: run the same `genfarm run` command again to finish")

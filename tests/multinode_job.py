@@ -86,7 +86,7 @@ def change_cluster(net: Network, layout: dict, workers: dict[str, str], store: L
     if running.done():
         running.result()  # re-raise the job's own error, if any
         raise SystemExit("the job finished before the cluster changed: give it more rows or longer outputs")
-    rows_before = store.count().results
+    rows_before = store.count().completed
     if layout["change"] == "add":
         index = len(workers)  # the spare namespace: one more than the nodes started first
         (address, node), = join(net, [index], layout).items()

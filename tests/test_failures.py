@@ -56,7 +56,7 @@ def ctrl_c_as_in_a_terminal() -> None:
 
 def committed_rows(output: Path) -> int:
     """Result rows committed so far (a finished job merges its parts, so parts are no measure of progress)."""
-    return Ledger(str(output)).count().results
+    return Ledger(str(output)).count().completed
 
 
 def assert_exactly_once(output: Path, ids: list[str]) -> None:

@@ -169,14 +169,14 @@ def test_job_on_s3_is_killed_and_resumed_exactly_once(tmp_path, tiny, s3):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.communicate(timeout=60)
-    kept = Ledger(out).count().results
+    kept = Ledger(out).count().completed
     assert len(Ledger(out).parts()) >= 2
     again = genfarm(*command[3:], env=s3.env())
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     assert (summary["status"], summary["completed_rows"], summary["error_rows"]) == ("complete", 160, 0)
     assert summary["output"] == "s3://bucket/out"
-    assert Ledger(out).count().results > kept  # the second run generated the rest
+    assert Ledger(out).count().completed > kept  # the second run generated the rest
     assert sorted(committed_ids(out)) == sorted(r["id"] for r in rows)  # no row lost, none repeated
     status = genfarm("status", "s3://bucket/out", env=s3.env(), timeout=120)
     assert status.returncode == 0 and "160 rows generated" in status.stdout and "complete" in status.stdout, status

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from genfarm import models
 from genfarm.batch import compact
 from genfarm.batch.datasource import PromptSource
-from genfarm.batch.ledger import MANIFEST, SUMMARY, Ledger
+from genfarm.batch.ledger import FIRST_SAMPLE, MANIFEST, SUMMARY, Ledger
 from genfarm.batch.order import PromptOrder
 from genfarm.batch.progress import JobProgress, LiveTokens
 from genfarm.batch.source import META_COLUMNS, count_work_rows, input_error, input_schema, list_inputs
@@ -166,7 +166,7 @@ def run_job(job: JobSpec, restart: bool = False, show_progress: bool = True, job
     _quiet_ray_data()
     started = time.monotonic()
     plan.live_tokens = live_token_counter()
-    with JobProgress(plan.total, plan.store.count().rows(job.sampling.n), enabled=show_progress) as progress:
+    with JobProgress(plan.total, plan.store.count().rows, enabled=show_progress) as progress:
         stop_following = progress.follow(plan.live_tokens)
         generate_pass(plan, progress, job.workers.batch_size, job.workers.max_retries, job.workers.batches_in_flight)
         if missing(plan):
@@ -219,7 +219,7 @@ def retry_errors(output: str, types: list[str] | None, show_progress: bool = Tru
 
 
 def missing(plan: Plan) -> bool:
-    return plan.store.count().rows(plan.job.sampling.n) < plan.total
+    return plan.store.count().rows < plan.total
 
 
 def source(plan: Plan, order: PromptOrder | None = None):
@@ -282,18 +282,17 @@ def consume(dataset, progress: JobProgress) -> None:
 
 def summarize(plan: Plan, seconds: float, run: JobProgress, merged: compact.Compacted | None = None) -> dict:
     """Counts over every committed part (this run and earlier ones), timing of this run, and the task's own."""
-    store, n = plan.store, plan.job.sampling.n
+    store = plan.store
     counts = store.count()
-    completed = counts.results // n
     return {
         "job_id": plan.job_id,
-        "status": "complete" if completed + counts.errors >= plan.total else "incomplete",
+        "status": "complete" if counts.rows >= plan.total else "incomplete",
         "input_rows": plan.total,
-        "completed_rows": completed,
+        "completed_rows": counts.completed,
         "error_rows": counts.errors,
-        "samples": counts.results,
+        "samples": store.count_rows(),
         "errors_by_type": store.value_counts("error_type", errors=True),
-        "prompt_tokens": store.column_sum("prompt_tokens") // n,  # each sample row repeats it
+        "prompt_tokens": store.column_sum("prompt_tokens", where=FIRST_SAMPLE),  # each sample row repeats it
         "completion_tokens": store.column_sum("completion_tokens"),
         "run_seconds": round(seconds, 2),
         "run_completion_tokens": run.tokens,
@@ -305,17 +304,19 @@ def summarize(plan: Plan, seconds: float, run: JobProgress, merged: compact.Comp
         "output": store.uri,
         # parts in the folder before and after this run merged them (output.compact), or null if it did not
         "compacted_parts": {"before": merged.parts_before, "after": merged.parts_after} if merged else None,
-        "quality": quality_counts(store, plan.job.sampling.n),
+        "quality": quality_counts(store),
         **plan.task.summary(store),
         "finished_at": _now(),
     }
 
 
-def quality_counts(store: Ledger, n: int) -> dict:
-    """Result rows by quality: flagged (a check still failed), regenerated, each check's failures, the fixes."""
+def quality_counts(store: Ledger) -> dict:
+    """Rows by quality: flagged (a check still failed on one of its samples), regenerated, each check's failures
+    (per sample), the fixes."""
+    flagged = store.read(["id"], where=pc.list_value_length(pc.field("quality")) > 0)
     return {
-        "flagged_rows": store.count_rows(pc.list_value_length(pc.field("quality")) > 0) // n,
-        "regenerated_rows": store.count_rows(pc.field("attempts") > 1) // n,
+        "flagged_rows": pc.count_distinct(flagged["id"]).as_py() if flagged is not None else 0,
+        "regenerated_rows": store.count_rows((pc.field("attempts") > 1) & FIRST_SAMPLE),
         "failed_checks": store.value_counts("quality"),
         "fixes": store.value_counts("quality_fixes"),
     }

@@ -47,13 +47,18 @@ def part_name(source_key: str, first_row: int, ids: list[str]) -> str:
     return f"{source_key}-{first_row:09d}-{digest}.parquet"
 
 
+FIRST_SAMPLE = pc.field("sample_index") == 0  # one result row per input row, whatever its number of samples
+
+
 @dataclass
 class DoneCounts:
-    results: int  # result rows (samples)
+    completed: int  # work rows with results (their first sample)
     errors: int  # error rows
 
-    def rows(self, samples_per_row: int) -> int:
-        return self.results // samples_per_row + self.errors
+    @property
+    def rows(self) -> int:
+        """Work rows accounted for: every one is either completed or an error row."""
+        return self.completed + self.errors
 
 
 class Ledger:
@@ -156,17 +161,16 @@ class Ledger:
         return done
 
     def count(self) -> DoneCounts:
-        """Rows committed so far, from Parquet footers only."""
+        """Rows committed so far. Counted by first samples, not result rows over n: a task can ask for another n
+        per row (an OpenAI batch request's `n`). Parquet statistics answer where a row group holds first samples
+        only, so mostly from footers."""
+        errors = sum(pq.ParquetFile(p, filesystem=self.fs).metadata.num_rows for p in self.parts(errors=True))
+        return DoneCounts(completed=self.count_rows(FIRST_SAMPLE), errors=errors)
 
-        def rows(paths: list[str]) -> int:
-            return sum(pq.ParquetFile(p, filesystem=self.fs).metadata.num_rows for p in paths)
-
-        return DoneCounts(results=rows(self.parts()), errors=rows(self.parts(errors=True)))
-
-    def column_sum(self, column: str, errors: bool = False) -> int:
+    def column_sum(self, column: str, errors: bool = False, where=None) -> int:
         total = 0
         for part in self.parts(errors):
-            values = pq.read_table(part, columns=[column], filesystem=self.fs).column(column)
+            values = pq.read_table(part, columns=[column], filters=where, filesystem=self.fs).column(column)
             total += pc.sum(values).as_py() or 0
         return total
 
@@ -183,8 +187,8 @@ class Ledger:
         return counts
 
     # --- un-committing ---------------------------------------------------------------------------------------
-    def count_rows(self, where) -> int:
-        """Committed result rows that match a filter expression, e.g. pc.field("attempts") > 1."""
+    def count_rows(self, where=None) -> int:
+        """Committed result rows (that match a filter expression, e.g. pc.field("attempts") > 1)."""
         parts = self.parts()
         return ds.dataset(parts, filesystem=self.fs, format="parquet").count_rows(filter=where) if parts else 0
 

@@ -174,6 +174,8 @@ def test_a_job_writes_openai_output_and_error_files_every_custom_id_once(tmp_pat
     assert (stats["rows"], stats["errors"]) == (8, 5)
     out = tmp_path / "out"
     assert len(pd.read_parquet(out)) == 4  # the Parquet results alone: c1, p1 and two samples of c2
+    counts = Ledger(str(out)).count()  # rows, not samples: c2 asked for n=2 where the job's n is 1
+    assert (counts.completed, counts.errors, counts.rows) == (3, 5, 8)
     outputs, errors = read_lines(out / "_openai" / "output.jsonl"), read_lines(out / "_openai" / "errors.jsonl")
     ids = [x["custom_id"] for x in outputs + errors]
     assert sorted(filter(None, ids)) == ["bad-param", "bad-url", "c1", "c2", "long", "other-model", "p1"]
@@ -353,6 +355,8 @@ def test_batch_parameters_are_checked(api):
     assert refused(completion_window="1d") == "completion_window"
     assert refused(metadata={f"k{i}": "v" for i in range(17)}) == "metadata"
     assert api.get("/v1/batches/batch_nope", headers=key("k1")).status_code == 404
+    unknown = api.get("/v1/batches", params={"after": "batch_nope"}, headers=key("k1"))
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "after"
 
 
 def test_an_expired_batch_keeps_what_finished_and_metrics_count_batches(tmp_path):

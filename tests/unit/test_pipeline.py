@@ -113,7 +113,7 @@ def test_ledger_knows_what_is_done_and_retries_error_rows(tmp_path):
     ledger = Ledger(job.output.path)
     key = source_key("in.jsonl")
     assert ledger.done_ids(key) == {f"r{i}" for i in range(6)}
-    assert (ledger.count().results, ledger.count().errors) == (3, 3)
+    assert (ledger.count().completed, ledger.count().errors) == (3, 3)
     assert ledger.value_counts("error_type", errors=True) == {"empty_prompt": 3}
     assert ledger.read(["id"], errors=True, limit=2).num_rows == 2
     assert ledger.take_errors(["empty_prompt"], "t1") == 3
@@ -132,7 +132,7 @@ def test_a_worker_of_an_older_run_does_not_commit(tmp_path):
     ledger.start_run("new", "now")
     with pytest.raises(RuntimeError, match="a newer run"):
         worker(to_block(list(source_rows(fs, files[0], job.input)), schema))
-    assert ledger.count().results == 0
+    assert ledger.count().completed == 0
 
 
 class RecordingSink:
@@ -184,11 +184,11 @@ def test_a_retried_batch_whose_rows_change_sides_leaves_each_row_once(tmp_path):
     job = job.model_copy(update={"sampling": job.sampling.model_copy(update={"max_tokens": 500})})  # echo it all
     store = Ledger(job.output.path)
     run_worker(job, EchoEngine(fail_on="wasps"))  # b fails: one result part, one error part
-    assert (store.count().results, store.count().errors) == (1, 1)
+    assert (store.count().completed, store.count().errors) == (1, 1)
     run_worker(job, EchoEngine())  # the retry: both results
-    assert (store.count().results, store.count().errors) == (2, 0)
+    assert (store.count().completed, store.count().errors) == (2, 0)
     run_worker(job, EchoEngine(fail_on="Write"))  # and both errors
-    assert (store.count().results, store.count().errors) == (0, 2)
+    assert (store.count().completed, store.count().errors) == (0, 2)
 
 
 def test_identical_greedy_prompts_are_answered_once_even_when_the_cache_turns_over():
