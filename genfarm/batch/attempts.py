@@ -184,8 +184,12 @@ def finish(task: Task, row: dict, sample: Sample, checks: Checks) -> None:
     if "truncated" in sample.failed and checks.trims and task.trimmable and sample.error is None:
         text = trim(sample.completion.text)
         if text != sample.completion.text:
-            sample.completion = Completion(text, sample.completion.finish_reason, sample.completion.completion_tokens,
-                                           sample.completion.index, sample.completion.logprob)
-            sample.columns = task.parse_completion(row, sample.completion)
+            trimmed = Completion(text, sample.completion.finish_reason, sample.completion.completion_tokens,
+                                 sample.completion.index, sample.completion.logprob)
+            try:
+                columns = task.parse_completion(row, trimmed)
+            except RowError:  # the task cannot read the trimmed text (a structured answer cut short): keep it whole
+                return
+            sample.completion, sample.columns = trimmed, columns
             sample.failed.remove("truncated")
             sample.fixes.append("trimmed")

@@ -207,3 +207,25 @@ def test_identical_greedy_prompts_are_answered_once_even_when_the_cache_turns_ov
     results, reused = ask("a one", "a three", "a four", "a one")
     assert [r.completions[0].text for r in results] == ["a one", "a three", "a four", "a one"] and reused == 2
     assert len(engine.requests) == 4  # a one, a two, a three, a four: each generated once
+
+
+def test_a_trimmed_text_the_task_cannot_read_stays_whole_and_flagged():
+    """Trimming a cut text back to its last sentence must not fail the batch when the task's parse refuses the
+    trimmed text (a structured answer cut short): the text stays as generated, flagged truncated."""
+    from genfarm.batch.attempts import Sample, finish
+    from genfarm.engine import Completion
+    from genfarm.quality import Checks
+    from genfarm.spec import SamplingSpec
+
+    class EndsWithMarker(Split):
+        trimmable = True
+
+        def parse(self, row: dict, text: str) -> dict:
+            if not text.endswith("marker"):
+                raise RowError("invalid_output", "no marker")
+            return {}
+
+    cut = Completion("One sentence. Two sentences, then the marker", "length", 9, 0)
+    sample = Sample(cut, {}, ["truncated"], None, 1, SamplingSpec())
+    finish(EndsWithMarker(SplitConfig(type="unit-split")), {}, sample, Checks("trim", *[None] * 6))
+    assert sample.completion.text == cut.text and sample.failed == ["truncated"] and sample.fixes == []
