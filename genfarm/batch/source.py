@@ -318,7 +318,10 @@ def input_schema(fs: pafs.FileSystem, files: list[InputFile]) -> pa.Schema:
 
 
 def _file_columns(fs: pafs.FileSystem, file: InputFile) -> list[tuple[str, pa.DataType, int]]:
-    """(column, Arrow type, how many values have it) of one file: Parquet from its footer, others from a sample."""
+    """(column, Arrow type, how many values have it) of one file: Parquet from its footer, CSV from a sample (its
+    header names every row's columns), JSONL from every row: each column's first SCHEMA_SAMPLE_ROWS values decide
+    its type, and a later value is taken too where it brings a nested key the sample lacks. A key seen only after a
+    sample would otherwise be no column, and its values would vanish from the rows that have them."""
     if file.format == "parquet":
         parquet = _parquet(fs, file)
         return [(field.name, field.type, parquet.metadata.num_rows) for field in parquet.schema_arrow]
@@ -326,17 +329,42 @@ def _file_columns(fs: pafs.FileSystem, file: InputFile) -> list[tuple[str, pa.Da
         return [("text", pa.string(), 1)]
     if file.format == OPENAI_BATCH:
         return [(field.name, field.type, 1) for field in OPENAI_BATCH_SCHEMA]
-    sample = []
-    for row, _, _ in read_rows(fs, file):
-        if row is not None:
-            sample.append(row)
-        if len(sample) >= SCHEMA_SAMPLE_ROWS:
-            break
-    columns = []
-    for name in dict.fromkeys(key for row in sample for key in row):
-        values = [row.get(name) for row in sample]
-        columns.append((name, column_type(values), sum(v is not None for v in values)))
-    return columns
+    sampled: dict[str, list] = {}
+    nested: dict[str, set[str]] = {}  # per column, the nested keys its sampled values hold
+    for number, (row, _, _) in enumerate(read_rows(fs, file)):
+        if file.format == "csv" and number >= SCHEMA_SAMPLE_ROWS:
+            break  # every CSV row has the header's columns, and only text
+        for name, value in (row or {}).items():
+            values = sampled.setdefault(name, [])
+            if len(values) < SCHEMA_SAMPLE_ROWS:
+                values.append(value)
+                nested.setdefault(name, set()).update(key_paths(value))
+            elif isinstance(value, (dict, list)) and has_new_key(value, nested[name]):
+                values.append(value)
+                nested[name].update(key_paths(value))
+    return [(name, column_type(values), sum(v is not None for v in values)) for name, values in sampled.items()]
+
+
+def has_new_key(value, known: set[str], prefix: str = "") -> bool:
+    """Whether a JSON value holds a nested key `known` lacks (key_paths(value) <= known, without building them)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{prefix}.{key}"
+            if path not in known or (isinstance(item, (dict, list)) and has_new_key(item, known, path)):
+                return True
+    elif isinstance(value, list):
+        return any(isinstance(item, (dict, list)) and has_new_key(item, known, f"{prefix}[]") for item in value)
+    return False
+
+
+def key_paths(value, prefix: str = "") -> set[str]:
+    """The nested keys of a JSON value, as paths (a list's items under "[]")."""
+    if isinstance(value, dict):
+        return {path for key, item in value.items()
+                for path in (f"{prefix}.{key}", *key_paths(item, f"{prefix}.{key}"))}
+    if isinstance(value, list):
+        return {path for item in value for path in key_paths(item, f"{prefix}[]")}
+    return set()
 
 
 def merged_type(counts: Counter) -> pa.DataType:

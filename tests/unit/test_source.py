@@ -163,3 +163,15 @@ def test_a_corrupt_parquet_row_group_is_bad_rows_the_others_are_read(tmp_path):
     assert total == len(rows) == 6
     assert [r["_gf_id"] for r in rows] == ["g0", "g1", "g.parquet:2", "g.parquet:3", "g4", "g5"]
     assert rows[2]["_gf_error"].startswith("bad_row: row group 1 of g.parquet cannot be read (")
+
+
+def test_keys_that_first_appear_late_in_a_jsonl_file_are_columns_too(tmp_path):
+    """The schema is sampled, but a key (or a nested key) seen only after the sample must not vanish from its rows."""
+    rows = [{"id": str(i), "topic": "bees", "meta": {"a": i}} for i in range(1500)]
+    rows[1200]["extra"] = "late"
+    rows[1300]["meta"]["b"] = "nested and late"
+    path = tmp_path / "late.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read_back, _ = read(path)
+    assert read_back[1200]["extra"] == "late" and read_back[0]["extra"] is None
+    assert read_back[1300]["meta"] == {"a": 1300, "b": "nested and late"}
