@@ -97,6 +97,16 @@ def test_chat_completion_with_openai_sdk(service):
     assert first.usage.completion_tokens == 12 and first.usage.prompt_tokens > 0
     assert first.usage.total_tokens == first.usage.prompt_tokens + 12
     assert answers[1].choices[0].message.content == first.choices[0].message.content  # greedy is deterministic
+    # OpenAI's newer name for the system message, and the model retrieved by its id (another id: 404)
+    developer = client.chat.completions.create(model=service.model, max_tokens=12, temperature=0, messages=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "bees"}])
+    system = client.chat.completions.create(model=service.model, max_tokens=12, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "bees"}])
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    assert client.models.retrieve(service.model).id == service.model
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("no-such-model")
+    assert unknown.value.code == "model_not_found"
 
 
 def test_completion_with_n_seed_and_stop(service):
@@ -159,7 +169,7 @@ def test_api_keys_are_required_except_for_health_and_metrics(service):
 def test_bad_requests_get_openai_style_400(service, body, param, code):
     body = {**body, "model": service.model} if body.get("model") == "M" else body
     answer = service.post("/v1/chat/completions", json=body)
-    assert answer.status_code == 400, answer.text
+    assert answer.status_code == (404 if code == "model_not_found" else 400), answer.text
     error = answer.json()["error"]
     assert error["type"] == "invalid_request_error" and error["code"] == code and error["param"] == param
     assert error["message"]

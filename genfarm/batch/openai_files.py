@@ -105,7 +105,8 @@ def error_line(row: dict) -> dict:
         code, param, text = parse_request_error(message)
         if code in NOT_A_REQUEST:
             return _line(key, custom_id, error={"code": code, "message": text})
-        return _line(key, custom_id, _error_response(400, text, "invalid_request_error", code, param))
+        status = 404 if code == "model_not_found" else 400  # as the online API answers
+        return _line(key, custom_id, _error_response(status, text, "invalid_request_error", code, param))
     if kind in LINE_ERRORS:
         return _line(key, custom_id, error={"code": LINE_ERRORS[kind], "message": message})
     status, error_type, code = RESPONSE_ERRORS.get(kind, (500, "server_error", kind))

@@ -127,7 +127,7 @@ def create_app(spec: ServeSpec) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_middleware(BodyLimit, max_bytes=spec.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=spec.limits.max_body_bytes, max_upload_bytes=spec.batches.max_file_bytes)
     app.add_middleware(RequireApiKey)  # the outermost: no key, no reading of the body
     app.include_router(router)
     app.include_router(task_router(routes))

@@ -258,8 +258,12 @@ def _newest_first(records: Iterator[dict]) -> list[dict]:
 
 
 def page(records: list[dict], after: str | None, limit: int) -> dict:
-    """OpenAI's cursor page: the `limit` records after the one with id `after`."""
-    start = next((i + 1 for i, r in enumerate(records) if r["id"] == after), 0) if after else 0
+    """OpenAI's cursor page: the `limit` records after the one with id `after` (one this list does not hold is the
+    client's mistake: starting over would hand it the first page again)."""
+    start = next((i + 1 for i, r in enumerate(records) if r["id"] == after), None) if after else 0
+    if start is None:
+        raise APIError(400, f"{after!r} is not in this list; pass the last_id of the page before",
+                       param="after", code="invalid_parameter")
     data = records[start:start + limit]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(records)}

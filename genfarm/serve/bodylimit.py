@@ -1,7 +1,8 @@
 """The request body limit (limits.max_body_bytes): a body over it is refused with 413 before anything parses it.
 
-Uploads (POST /v1/files) are not held to it: a batch input file may be far larger than any one request, and the
-upload route streams it to storage, holding it to batches.max_file_bytes as it reads."""
+Uploads (POST /v1/files) are held to their own limit instead (batches.max_file_bytes and room for the form around the
+file): a batch input file may be far larger than any one request. A declared Content-Length over it is refused
+unread; a chunked upload is held to batches.max_file_bytes by the upload route as it reads the file."""
 
 from __future__ import annotations
 
@@ -14,13 +15,21 @@ class BodyLimit:
     the limit is refused at once, unread; a body without one (chunked) is read up to the limit and refused when it
     passes it. A body within the limit is handed on whole, then the connection's later messages (a disconnect)."""
 
-    def __init__(self, inner, max_bytes: int, streamed: tuple[str, ...] = ("/v1/files",)):
-        self.inner, self.max_bytes, self.streamed = inner, max_bytes, streamed
+    UPLOADS = "/v1/files"
+    FORM_BYTES = 1 << 20  # room for the multipart form around the file: boundaries, the purpose field
+
+    def __init__(self, inner, max_bytes: int, max_upload_bytes: int | None = None):
+        self.inner, self.max_bytes, self.max_upload_bytes = inner, max_bytes, max_upload_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.streamed:
+        if scope["type"] != "http":
             return await self.inner(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
+        if scope["path"] == self.UPLOADS:  # parsed into a spooled file before the route runs: refuse what is too big
+            limit = None if self.max_upload_bytes is None else self.max_upload_bytes + self.FORM_BYTES
+            if declared is not None and (not declared.isdigit() or (limit is not None and int(declared) > limit)):
+                return await self.refuse(scope, receive, send, declared, limit)
+            return await self.inner(scope, receive, send)
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self.refuse(scope, receive, send, declared)
         chunks, size = [], 0
@@ -37,10 +46,13 @@ class BodyLimit:
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.inner(scope, replay([body], receive), send)
 
-    async def refuse(self, scope, receive, send, declared: bytes | None) -> None:
+    async def refuse(self, scope, receive, send, declared: bytes | None, upload_limit: int | None = None) -> None:
         if declared is not None and not declared.isdigit():
             error = APIError(400, f"Content-Length {declared.decode('latin-1')!r} is not a number of bytes",
                              code="invalid_request")
+        elif upload_limit is not None:
+            error = APIError(413, f"the upload is larger than batches.max_file_bytes ({self.max_upload_bytes} bytes) "
+                             "allows; split the batch input file", code="request_too_large")
         else:
             error = APIError(413, f"the request body is larger than {self.max_bytes} bytes (limits.max_body_bytes); "
                              "send a shorter prompt or text", code="request_too_large")

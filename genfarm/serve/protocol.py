@@ -143,12 +143,16 @@ class TextPart(Body):
 
 
 class ChatMessage(Body):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it: OpenAI's newer `developer` role is the system message."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class ChatRequest(SamplingParams, Constraints):

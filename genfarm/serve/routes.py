@@ -19,7 +19,7 @@ from genfarm.task import Route
 # No `from __future__ import annotations` here: FastAPI reads the task routes' body types from their annotations,
 # which are made in a loop and must be real classes, not names.
 
-ERRORS_DOC = {code: {"model": api.ErrorBody} for code in (400, 401, 429, 503, 504)}
+ERRORS_DOC = {code: {"model": api.ErrorBody} for code in (400, 401, 404, 429, 503, 504)}
 STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: server-sent events."}
 OPENAI_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models"}
 
@@ -45,16 +45,25 @@ async def metrics_page(server: GenfarmServer = Server):
 @router.get("/v1/models", response_model=api.ModelList, responses=ERRORS_DOC)
 async def list_models(server: GenfarmServer = Server):
     server.start("models", None).finish(200)
-    card = api.ModelCard(id=server.spec.model.name, created=int(time.time()),
+    return api.ModelList(data=[model_card(server)])
+
+
+@router.get("/v1/models/{model:path}", response_model=api.ModelCard, responses=ERRORS_DOC)
+async def retrieve_model(model: str, server: GenfarmServer = Server):
+    server.start("models", model).finish(200)  # another model's name: 404 model_not_found
+    return model_card(server)
+
+
+def model_card(server: GenfarmServer) -> api.ModelCard:
+    return api.ModelCard(id=server.spec.model.name, created=int(time.time()),
                          max_model_len=server.spec.engine.max_model_len)
-    return api.ModelList(data=[card])
 
 
 @router.post("/v1/chat/completions", responses={200: {"model": api.ChatResponse, **STREAM_DOC}, **ERRORS_DOC})
 async def chat_completions(body: api.ChatRequest, server: GenfarmServer = Server):
     call = server.start("chat", body.model)
     extra = {"structured": structured(call, body)}
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.for_template() for m in body.messages]
     sampling = server.sampling(body, body.max_completion_tokens or body.max_tokens)
     ids = server.encode(call, Prompt(messages=messages), sampling)
     rid = f"chatcmpl-{uuid.uuid4().hex}"

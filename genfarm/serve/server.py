@@ -88,7 +88,7 @@ class GenfarmServer:
             self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
         call = Call(route, self.metrics)
         if model is not None and model != self.spec.model.name:
-            raise call.error(APIError(400, f"model {model!r} is not served here; use {self.spec.model.name!r} "
+            raise call.error(APIError(404, f"model {model!r} is not served here; use {self.spec.model.name!r} "
                                       "(GET /v1/models)", param="model", code="model_not_found"))
         return call
 
@@ -104,8 +104,9 @@ class GenfarmServer:
         })
 
     def params(self, call: Call, sampling: SamplingSpec, seed: int | None, extra: dict | None = None):
+        """vLLM's sampling parameters; a request without a seed takes the serve config's (sampling.seed)."""
         try:
-            return self.engine.params(sampling, seed, extra)
+            return self.engine.params(sampling, self.spec.sampling.seed if seed is None else seed, extra)
         except InvalidRequest as err:  # vLLM refuses this combination of parameters
             raise call.error(APIError(400, str(err), code="invalid_parameter")) from None
 

@@ -116,7 +116,7 @@ class OpenAIRequests(Task):
             raise refuse(err.code or "invalid_parameter", err.message, err.param) from None
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         if isinstance(body, api.ChatRequest):
-            prompt = Prompt(messages=[{"role": m.role, "content": m.text()} for m in body.messages])
+            prompt = Prompt(messages=[m.for_template() for m in body.messages])
             max_tokens = body.max_completion_tokens or body.max_tokens
         else:
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt

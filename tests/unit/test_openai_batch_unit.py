@@ -266,13 +266,15 @@ def api(tmp_path, monkeypatch):
     started: list[str] = []
     monkeypatch.setattr(batches, "ensure_runner", lambda storage, batch_id: started.append(batch_id))
     spec = ServeSpec.model_validate({"model": {"name": "echo"}, "batches": {
-        "storage": str(tmp_path / "store"), "max_file_lines": 3, "max_concurrent": 2, "max_batches_per_key": 1}})
+        "storage": str(tmp_path / "store"), "max_file_lines": 3, "max_concurrent": 2, "max_batches_per_key": 1,
+        "max_file_bytes": 2**20}})
     monkeypatch.setattr(ReplicaState, "keys", frozenset({hashed("k1"), hashed("k2")}))
     monkeypatch.setattr(ReplicaState, "server", FakeServer(spec))
     monkeypatch.setattr(ReplicaState, "metrics", ReplicaMetrics(lambda: 0, lambda: 0, lambda: 0))
     app = FastAPI()
     app.add_exception_handler(APIError, lambda request, err: err.response())
-    app.add_middleware(BodyLimit, max_bytes=1024)  # smaller than an upload: uploads are not held to it
+    # smaller than an upload: uploads are held to batches.max_file_bytes instead
+    app.add_middleware(BodyLimit, max_bytes=1024, max_upload_bytes=spec.batches.max_file_bytes)
     app.add_middleware(RequireApiKey)
     app.state.route_labels = {}
     app.include_router(batches.router)
@@ -307,6 +309,13 @@ def test_uploads_are_checked_line_by_line_with_clear_400s(api):
     assert made.status_code == 200 and oai.FileObject.model_validate(made.json()).bytes > 0
     long = upload(api, [chat("a", "x" * 4000)])  # over the request body limit, within the file limit
     assert long.status_code == 200 and oai.FileObject.model_validate(long.json()).bytes > 4000, long.text
+
+
+def test_an_upload_too_large_for_max_file_bytes_is_refused_before_it_is_read(api):
+    too_big = api.post("/v1/files", headers=key("k1"), files={"file": ("in.jsonl", b"x" * (3 * 2**20))},
+                       data={"purpose": "batch"})
+    assert too_big.status_code == 413 and "batches.max_file_bytes" in too_big.json()["error"]["message"]
+    assert upload(api, [chat("a")]).status_code == 200
 
 
 def test_a_request_with_two_keys_is_refused(api):
