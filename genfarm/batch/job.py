@@ -139,10 +139,10 @@ def plan_job(job: JobSpec, restart: bool, job_file: str) -> Plan:
         raise input_error(job.input, err) from None
     store = Ledger(job.output.path)
     parts = fingerprint_parts(job, model)
-    manifest = check_resume(store, parts, restart)
-    job_id = manifest.get("job_id") or f"{job.name or 'job'}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     run_id = uuid.uuid4().hex
-    try:
+    try:  # the folder is read (an earlier run's manifest), then written
+        manifest = check_resume(store, parts, restart)
+        job_id = manifest.get("job_id") or f"{job.name or 'job'}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         store.write_json(MANIFEST, {
             "job_id": job_id, "fingerprint": fingerprint(parts), "settings": parts, "job_file": job_file,
             "spec": job.model_dump(mode="json"), "created_at": manifest.get("created_at") or _now(),

@@ -96,11 +96,11 @@ class Ledger:
     def read_json(self, relpath: str) -> dict | None:
         """The file's data, or None if there is no such file. A store that fails to answer raises: read as "no
         manifest", a passing error would let a run mix its rows with another job's settings."""
-        path = self.path(relpath)
-        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        try:
+            with self.fs.open_input_stream(self.path(relpath)) as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, NotADirectoryError):  # no such file, or OUTPUT is a file itself
             return None
-        with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read())
 
     def manifest(self) -> dict:
         """The job manifest of this folder; a folder without one is a user error."""
