@@ -42,6 +42,11 @@ def test_one_trial_of_three_faults_passes(tmp_path, tiny):
     assert "| engine |" in (tmp_path / "results" / "chaos.md").read_text()
 
 
+def results(ids: list[str]) -> pa.Table:
+    """Result rows as a part holds them, as far as the checks read them (one sample each)."""
+    return pa.table({"id": ids, "output_text": ["x"] * len(ids), "sample_index": pa.array([0] * len(ids), pa.int32())})
+
+
 def finished_job(folder: Path) -> tuple[chaos.Job, Ledger]:
     """A job folder as a finished run leaves it (16 results in two parts, 4 error rows), written without Ray."""
     job = chaos.Job(folder, 20, "m")
@@ -51,7 +56,7 @@ def finished_job(folder: Path) -> tuple[chaos.Job, Ledger]:
                                 "spec": spec.model_dump(mode="json")})
     for start in (0, 8):
         ids = job.ids[start:start + 8]
-        store.commit(pa.table({"id": ids, "output_text": ["x"] * 8}), part_name(source_key("a"), start, ids))
+        store.commit(results(ids), part_name(source_key("a"), start, ids))
     ids = job.ids[16:]
     store.commit(pa.table({"id": ids, "error_type": ["e"] * 4, "message": ["m"] * 4}),
                  part_name(source_key("a"), 16, ids), errors=True)
@@ -66,7 +71,7 @@ def test_checks_catch_what_a_fault_could_leave(tmp_path, damage):
     assert any(p.startswith("_genfarm/tmp/") for p in planted) and any(p.startswith(".") for p in planted)
     assert chaos.check(job) == {"results": 16, "errors": 4, "parts": 3}
     if damage == "repeated row":
-        store.commit(pa.table({"id": job.ids[:1], "output_text": ["x"]}), part_name(source_key("b"), 0, job.ids[:1]))
+        store.commit(results(job.ids[:1]), part_name(source_key("b"), 0, job.ids[:1]))
     elif damage == "visible temp file":
         (job.out / "x.parquet.tmp").write_bytes(b"abc")
     else:
