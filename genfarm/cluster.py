@@ -16,7 +16,7 @@ import yaml
 from genfarm import console
 from genfarm.errors import UserError
 from genfarm.spec import apply_overrides, load_job
-from genfarm.storage import is_uri
+from genfarm.storage import glob_base, is_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 AGENT_WAIT_S = 60
@@ -85,7 +85,7 @@ def ship_glob(pattern: str, target: Path) -> str:
     """Copy the files a local glob matches under `target`, by their path below the glob's fixed part (as the rows'
     ids name them), and return the same glob there."""
     pattern = os.path.abspath(pattern)
-    base = pattern.split("*")[0].rsplit("/", 1)[0]  # the folder input ids are relative to (see source.list_inputs)
+    base = glob_base(pattern)
     matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
     if not matches:
         raise UserError("input.path", f"no files match {pattern}", "check the glob, e.g. data/**/*.jsonl")

@@ -193,3 +193,9 @@ def check_options(options: dict, info: ValidationInfo) -> dict:
 
 # A job section's storage_options field: checked against its path's filesystem, written without its secrets.
 StorageOptions = Annotated[dict[str, Any], AfterValidator(check_options), PlainSerializer(public_options)]
+
+
+def glob_base(pattern: str) -> str:
+    """The folder above a glob's first wildcard: the files it matches are named (and their rows' ids made) relative
+    to it."""
+    return pattern.split("*")[0].rsplit("/", 1)[0]

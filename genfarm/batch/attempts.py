@@ -99,7 +99,7 @@ class GreedyAnswers:
                     self.answers[key] = generated[index]
                     if len(self.answers) > self.size:
                         self.answers.popitem(last=False)
-        results = [generated[index] if index in generated else known.get(key) or generated[todo[key]]
+        results = [generated[index] if index in generated else known[key] if key in known else generated[todo[key]]
                    for index, key in enumerate(keys)]
         return results, len(keys) - len(generated)
 

@@ -118,10 +118,7 @@ def finish(ledger: Ledger) -> None:
     if whole(fs, merged, note.get("rows")):
         for name in note["replaces"]:
             if name != note["part"]:
-                try:
-                    fs.delete_file(ledger.part_path(name, errors))
-                except FileNotFoundError:  # deleted before the crash
-                    pass
+                ledger.withdraw(name, errors)  # (gone already if deleted before the crash)
     elif fs.get_file_info(merged).type == pafs.FileType.File and note["part"] not in note["replaces"]:
         fs.delete_file(merged)  # part of an upload: the parts it was to replace still hold every row
     fs.delete_file(ledger.path(NOTE))

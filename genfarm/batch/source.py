@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from genfarm.batch.ledger import source_key
 from genfarm.errors import UserError
 from genfarm.spec import InputSpec
-from genfarm.storage import glob, is_local, is_uri, open_fs, storage_error
+from genfarm.storage import glob, glob_base, is_local, is_uri, open_fs, storage_error
 from genfarm.task import Expander
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
@@ -73,7 +73,7 @@ def _list_inputs(spec: InputSpec) -> tuple[pafs.FileSystem, list[InputFile]]:
     fs, root = open_fs(spec.path)
     if any(ch in root for ch in "*?["):
         paths = sorted(globlib.glob(root, recursive=True)) if is_local(fs) else glob(fs, root)
-        base = root.split("*")[0].rsplit("/", 1)[0]
+        base = glob_base(root)
     else:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
